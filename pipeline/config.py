@@ -1,0 +1,218 @@
+"""One typed configuration tree, loaded from YAML with dotted overrides, validated once.
+
+    cfg = load_config("configs/default.yaml", ["loss.beta=0.2", "loss.name=tdpo2"])
+
+Unknown keys, wrong types and out-of-range values raise :class:`ConfigError`
+whose message lists every problem with its key path (``loss.beta: ...``).
+Library code reads fields directly (``cfg.loss.beta``); defaults live here and
+nowhere else.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipeline.errors import ConfigError
+
+# Kept in sync with pipeline.losses.LOSSES (a test checks it); listed here so
+# validating a config never imports torch.
+LossName = Literal["dpo", "cdpo", "ipo", "hinge", "tdpo1", "tdpo2"]
+TOKEN_LEVEL_LOSSES = frozenset({"tdpo1", "tdpo2"})
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class ModelConfig(_Strict):
+    """Which models to load. A spec is ``builtin:NAME``, a local folder, a ``.gguf`` file or a Hub name."""
+
+    policy: str = Field(description="model to train (also the reference unless `reference` is set)")
+    reference: str | None = Field(None, description="frozen reference model; defaults to the policy's spec")
+    tokenizer: str | None = Field(None, description="tokenizer spec; defaults to the policy's")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for Hub specs")
+    dtype: Literal["float32", "bfloat16", "float16", "float64"] = "float32"
+    trust_remote_code: bool = Field(False, description="run model code from the Hub; off unless you trust it")
+
+    @property
+    def reference_spec(self) -> str:
+        return self.reference or self.policy
+
+    @property
+    def tokenizer_spec(self) -> str:
+        return self.tokenizer or self.policy
+
+
+class DataConfig(_Strict):
+    """Where preference pairs come from and how they are tokenized."""
+
+    source: str = Field(description="builtin:NAME, a .json/.jsonl/.parquet/.csv file or folder, or a Hub dataset")
+    split: str = "train"
+    limit: int | None = Field(None, ge=1, description="use only the first N rows")
+    max_length: int = Field(512, ge=2, le=1_000_000, description="prompt + response tokens, per sequence")
+    max_prompt_length: int | None = Field(
+        256, ge=1, description="prompts longer than this are truncated; null: never truncate prompts"
+    )
+    prompt_truncation: Literal["left", "right"] = Field(
+        "left", description="which end of a long prompt is cut (left keeps the end, next to the response)"
+    )
+    on_invalid: Literal["error", "skip"] = Field(
+        "error", description="error: one bad row stops the run; skip: bad rows are dropped and reported"
+    )
+
+    @model_validator(mode="after")
+    def _prompt_fits(self) -> DataConfig:
+        if self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
+            raise ValueError(
+                f"max_prompt_length ({self.max_prompt_length}) must be smaller than max_length "
+                f"({self.max_length}) to leave room for the response"
+            )
+        return self
+
+
+class LossConfig(_Strict):
+    """The preference loss. Formulas: pipeline/losses.py."""
+
+    name: LossName
+    beta: float = Field(0.1, gt=0, le=1e4, description="inverse temperature of the implicit reward")
+    alpha: float = Field(0.5, ge=0, le=1e4, description="TDPO2 weight of the sequential-KL difference")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="cdpo: probability that a label is flipped")
+
+    @property
+    def token_level(self) -> bool:
+        return self.name in TOKEN_LEVEL_LOSSES
+
+
+class TrainConfig(_Strict):
+    seed: int = Field(0, ge=0)
+    learning_rate: float = Field(5e-6, gt=0, le=1.0)
+    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(4, ge=1, description="preference pairs per micro-batch")
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    max_steps: int = Field(100, ge=1, description="optimizer steps")
+    warmup_steps: int = Field(0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping; null: no clipping")
+    log_every: int = Field(1, ge=1)
+    save_model: bool = Field(True, description="export the trained policy as safetensors at the end")
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> TrainConfig:
+        if self.warmup_steps > self.max_steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) exceeds max_steps ({self.max_steps})")
+        return self
+
+    @property
+    def pairs_per_step(self) -> int:
+        return self.batch_size * self.gradient_accumulation_steps
+
+
+class OutputConfig(_Strict):
+    dir: str = Field("outputs", description="runs are written to DIR/RUN_NAME")
+    run_name: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]+$", description="default: <loss>-<timestamp>")
+
+
+class RunConfig(_Strict):
+    model: ModelConfig
+    data: DataConfig
+    loss: LossConfig
+    train: TrainConfig = TrainConfig()
+    output: OutputConfig = OutputConfig()
+
+
+def _format_validation_error(err: ValidationError, origin: str) -> str:
+    lines = [f"invalid configuration ({origin}):"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "(root)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        got = e.get("input")
+        suffix = "" if e["type"] in ("missing", "extra_forbidden") or isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"  {path}: {msg}{suffix}")
+    return "\n".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"loss.beta=0.2"`` -> ``(["loss", "beta"], 0.2)``; the value is parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} is not of the form key.path=value")
+    path = key.strip().split(".")
+    if any(not p for p in path):
+        raise ConfigError(f"override {text!r} has an empty component in its key path")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: value is not valid YAML: {e}") from None
+    return path, value
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set each dotted key in a nested dict (a copy); unknown keys are caught later by validation."""
+    tree = _deep_copy(tree)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = tree
+        for i, part in enumerate(path[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {'.'.join(path[: i + 1])} is not a section")
+            node = child
+        node[path[-1]] = value
+    return tree
+
+
+def _deep_copy(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {k: _deep_copy(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_deep_copy(v) for v in tree]
+    return tree
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level, not {type(tree).__name__}")
+    return tree
+
+
+def validate_config(tree: dict[str, Any], origin: str = "config") -> RunConfig:
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, origin)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a YAML file (or start empty), apply ``key.path=value`` overrides, validate."""
+    tree = read_yaml(path) if path is not None else {}
+    tree = apply_overrides(tree, list(overrides))
+    origin = f"{path}" + (f" with overrides {list(overrides)}" if overrides else "")
+    return validate_config(tree, origin)
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def save_config(cfg: RunConfig, run_dir: str | Path) -> Path:
+    """Write the resolved config next to a run's outputs; reloading it gives the same config."""
+    path = Path(run_dir) / "config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(dump_config(cfg), encoding="utf-8")
+    return path

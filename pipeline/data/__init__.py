@@ -1,0 +1,1 @@
+"""Preference data: read (sources), normalise and validate (normalize), tokenize and collate (tokenization)."""

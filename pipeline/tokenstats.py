@@ -1,0 +1,136 @@
+"""Token-level statistics of causal LMs on response tokens.
+
+Conventions (Hugging Face causal LMs): ``logits[:, t]`` predicts token
+``t + 1``; ``labels`` are the input ids with ``-100`` on every position that is
+not a response token. Only response positions matter, so they are *packed*:
+the ``N`` response positions of a batch are gathered into one dimension, and
+per-sequence sums use the ``segments`` index (which row each position is in).
+Packing lets the training step apply the LM head to response positions only,
+which on a small model is most of the FLOPs.
+
+KL(ref || policy) at a position is ``sum_v p_ref(v) (log p_ref(v) - log p_pol(v))``
+(TDPO, arXiv 2404.11999, eq. 4 / SeqKL in eq. 17). Log-probabilities always come
+from ``log_softmax``; ``softmax().log()`` underflows to ``0 * -inf = NaN``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class ResponseIndex:
+    """Where the response tokens of a batch are, after the causal shift.
+
+    mask:     (B, T-1) bool, True where shifted position t predicts a response token
+    targets:  (N,) the token each response position predicts
+    segments: (N,) the batch row of each response position
+    lengths:  (B,) response tokens per row
+    """
+
+    mask: torch.Tensor
+    targets: torch.Tensor
+    segments: torch.Tensor
+    lengths: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.mask.shape[0])
+
+
+def response_index(labels: torch.Tensor) -> ResponseIndex:
+    """Index the response positions of ``labels`` (B, T), shifting for next-token prediction."""
+    shifted = labels[:, 1:]  # (B, T-1): the token predicted at each position
+    mask = shifted != IGNORE_INDEX
+    rows = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(shifted)
+    return ResponseIndex(mask=mask, targets=shifted[mask], segments=rows[mask], lengths=mask.sum(dim=1))
+
+
+def pack(logits: torch.Tensor, index: ResponseIndex) -> torch.Tensor:
+    """(B, T, V) full-sequence logits -> (N, V) logits at response positions."""
+    return logits[:, :-1][index.mask]
+
+
+def segment_sum(values: torch.Tensor, index: ResponseIndex) -> torch.Tensor:
+    """(N,) per-position values -> (B,) per-sequence sums."""
+    out = values.new_zeros(index.batch_size)
+    return out.index_add(0, index.segments, values)
+
+
+def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) under ``logits``: (..., V), (...) -> (...)."""
+    logps = F.log_softmax(logits, dim=-1)
+    return logps.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def position_kl(reference_logits: torch.Tensor, policy_logits: torch.Tensor) -> torch.Tensor:
+    """KL(ref || policy) over the vocabulary at each position: (..., V), (..., V) -> (...).
+
+    Differentiable with respect to ``policy_logits``; the reference is treated as constant data.
+    """
+    ref_logps = F.log_softmax(reference_logits, dim=-1)
+    pol_logps = F.log_softmax(policy_logits, dim=-1)
+    return (ref_logps.exp() * (ref_logps - pol_logps)).sum(dim=-1)
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed log-prob of the response tokens: (B, T, V), (B, T) -> (B,)."""
+    index = response_index(labels)
+    return segment_sum(token_logps(pack(logits, index), index.targets), index)
+
+
+def sequence_kl(reference_logits: torch.Tensor, policy_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """SeqKL(ref || policy): KL summed over response positions: (B, T, V) x2, (B, T) -> (B,)."""
+    index = response_index(labels)
+    return segment_sum(position_kl(pack(reference_logits, index), pack(policy_logits, index)), index)
+
+
+@dataclass(frozen=True)
+class TopK:
+    """A reference distribution compressed to its k most likely tokens plus one tail bucket.
+
+    ids:      (..., k) token ids
+    logps:    (..., k) their reference log-probs
+    tail_logp:(...)    log of the remaining mass, log(1 - sum exp(logps)); -inf when none is left
+    """
+
+    ids: torch.Tensor
+    logps: torch.Tensor
+    tail_logp: torch.Tensor
+
+
+def topk_compress(reference_logits: torch.Tensor, k: int) -> TopK:
+    """Keep the top-k reference log-probs per position and the tail mass: (..., V) -> TopK."""
+    if not 1 <= k <= reference_logits.shape[-1]:
+        raise ValueError(f"k must be in [1, {reference_logits.shape[-1]}], got {k}")
+    logps = F.log_softmax(reference_logits.float(), dim=-1)
+    top_logps, top_ids = logps.topk(k, dim=-1)
+    return TopK(ids=top_ids, logps=top_logps, tail_logp=_log1mexp(torch.logsumexp(top_logps, dim=-1)))
+
+
+def topk_position_kl(reference: TopK, policy_logits: torch.Tensor) -> torch.Tensor:
+    """Coarse-grained KL(ref || policy) on the partition {top-k tokens} + {tail}: (..., V) -> (...).
+
+    The policy's tail mass is everything outside the reference's top-k ids. By
+    the data-processing inequality this is a lower bound of :func:`position_kl`,
+    equal to it when the tail is empty.
+    """
+    pol_logps = F.log_softmax(policy_logits, dim=-1)
+    pol_top = pol_logps.gather(-1, reference.ids)  # (..., k)
+    pol_tail = _log1mexp(torch.logsumexp(pol_top, dim=-1))
+    top_term = (reference.logps.exp() * (reference.logps - pol_top)).sum(dim=-1)
+    ref_tail_p = reference.tail_logp.exp()
+    # 0 * log(0 / q) = 0: a position whose reference tail is empty contributes nothing there.
+    tail_term = torch.where(ref_tail_p > 0, ref_tail_p * (reference.tail_logp - pol_tail), torch.zeros_like(ref_tail_p))
+    return top_term + tail_term
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= 0, accurate near 0 and for very negative x (Maechler 2012)."""
+    x = x.clamp(max=0.0)
+    return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))

@@ -1,0 +1,1 @@
+"""Training: the single-process step (step), batching (batches) and the local trainer (local)."""

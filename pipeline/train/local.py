@@ -1,0 +1,147 @@
+"""Single-process DPO / TDPO training: the reference trainer the distributed one must match.
+
+Order of work: everything cheap that can fail (config, paths, tokenizer, every
+row of the dataset) is checked before the models are loaded and before any
+step runs. Outputs of a run (``output.dir/<run name>/``):
+    config.yaml      the resolved configuration
+    data_report.json rows read, valid, skipped (with row numbers and reasons)
+    metrics.jsonl    one line per logged optimizer step
+    model/           the trained policy and tokenizer (safetensors), if train.save_model
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.config import RunConfig, save_config
+from pipeline.data.dataset import PreferenceDataset, load_preference_dataset
+from pipeline.data.tokenization import collate_pairs
+from pipeline.losses import LossParams
+from pipeline.models.loading import load_causal_lm, load_tokenizer
+from pipeline.train.batches import PairBatches
+from pipeline.train.step import StepOptions, optimizer_step
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    history: list[dict[str, float]] = field(default_factory=list)
+    seconds_per_step: float = math.nan  # median over steps after the first
+    model_dir: Path | None = None
+
+
+def run_dir_for(cfg: RunConfig) -> Path:
+    name = cfg.output.run_name or f"{cfg.loss.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return Path(cfg.output.dir).expanduser() / name
+
+
+def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
+    """Linear warm-up to the configured rate, then linear decay to zero (the DPO paper's recipe)."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def load_models(cfg: RunConfig) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The trainable policy and a frozen reference (a copy of the policy when the specs agree)."""
+    m = cfg.model
+    policy = load_causal_lm(m.policy, dtype=m.dtype, revision=m.revision, trust_remote_code=m.trust_remote_code)
+    if m.reference_spec == m.policy:
+        reference = copy.deepcopy(policy)
+    else:
+        reference = load_causal_lm(
+            m.reference_spec, dtype=m.dtype, revision=m.revision, trust_remote_code=m.trust_remote_code
+        )
+    reference.eval().requires_grad_(False)
+    return policy, reference
+
+
+def write_data_report(dataset: PreferenceDataset, run_dir: Path) -> None:
+    report = dataset.report
+    payload = {
+        "source": report.source,
+        "rows": report.rows,
+        "valid_rows": report.valid_rows,
+        "formats": report.formats,
+        "truncated": report.truncated,
+        "skipped": [asdict(p) for p in report.problems],
+        "token_lengths": dataset.length_stats(),
+    }
+    (run_dir / "data_report.json").write_text(json.dumps(payload, indent=2), encoding="utf-8")
+
+
+def train_local(cfg: RunConfig, *, progress: bool = True, run_dir: Path | None = None) -> TrainResult:
+    torch.manual_seed(cfg.train.seed)
+    run_dir = run_dir or run_dir_for(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir)
+
+    tokenizer = load_tokenizer(cfg.model.tokenizer_spec, revision=cfg.model.revision,
+                               trust_remote_code=cfg.model.trust_remote_code)
+    dataset = load_preference_dataset(cfg.data, tokenizer)
+    write_data_report(dataset, run_dir)
+    assert dataset.pairs is not None
+    batches = PairBatches(len(dataset.pairs), cfg.train.batch_size, cfg.train.seed)
+
+    policy, reference = load_models(cfg)
+    optimizer = torch.optim.AdamW(
+        policy.parameters(), lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay
+    )
+    scheduler = warmup_schedule(optimizer, cfg.train.warmup_steps, cfg.train.max_steps)
+    options = StepOptions(
+        loss=cfg.loss.name,
+        params=LossParams(beta=cfg.loss.beta, alpha=cfg.loss.alpha, label_smoothing=cfg.loss.label_smoothing),
+    )
+
+    result = TrainResult(run_dir=run_dir)
+    stream = batches.iterate()
+    durations: list[float] = []
+    from tqdm.auto import tqdm
+
+    bar = tqdm(range(cfg.train.max_steps), desc=f"{cfg.loss.name} training", unit="step", disable=not progress)
+    with (run_dir / "metrics.jsonl").open("w", encoding="utf-8") as log:
+        for step in bar:
+            started = time.perf_counter()
+            micro = []
+            for _ in range(cfg.train.gradient_accumulation_steps):
+                position, indices = next(stream)
+                micro.append(collate_pairs([dataset.pairs[i] for i in indices], tokenizer.pad_token_id))
+            metrics = optimizer_step(
+                policy, reference, optimizer, micro, options,
+                scheduler=scheduler, max_grad_norm=cfg.train.max_grad_norm,
+            )
+            durations.append(time.perf_counter() - started)
+            metrics.update(step=step + 1, epoch=position.epoch, lr=scheduler.get_last_lr()[0],
+                           seconds=durations[-1])
+            result.history.append(metrics)
+            if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.max_steps:
+                log.write(json.dumps(metrics) + "\n")
+                log.flush()
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}")
+    steady = durations[1:] or durations
+    result.seconds_per_step = float(torch.tensor(steady).median())
+
+    if cfg.train.save_model:
+        result.model_dir = run_dir / "model"
+        policy.save_pretrained(result.model_dir)
+        tokenizer.save_pretrained(result.model_dir)
+    return result
+
+
+def summarize(result: TrainResult) -> dict[str, Any]:
+    last = result.history[-1]
+    keys = ("loss", "rewards/accuracies", "rewards/margins", "kl/chosen", "kl/rejected")
+    return {"steps": len(result.history), "seconds_per_step": result.seconds_per_step,
+            **{k: last[k] for k in keys if k in last}}

@@ -26,10 +26,11 @@ run: setup
 	HF_HUB_OFFLINE=1 $(PY) -m jobs.train --config $(CONFIG) $(ARGS)
 
 test: setup
+	$(VENV)/bin/ruff check pipeline jobs tests bench
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests $(ARGS)
 
 lint: setup
-	$(VENV)/bin/ruff check pipeline jobs tests
+	$(VENV)/bin/ruff check pipeline jobs tests bench
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

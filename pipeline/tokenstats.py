@@ -96,7 +96,7 @@ class TopK:
 
     ids:      (..., k) token ids
     logps:    (..., k) their reference log-probs
-    tail_logp:(...)    log of the remaining mass, log(1 - sum exp(logps)); -inf when none is left
+    tail_logp:(...)    log of the mass outside the top k; -inf when none is left
     """
 
     ids: torch.Tensor
@@ -108,9 +108,10 @@ def topk_compress(reference_logits: torch.Tensor, k: int) -> TopK:
     """Keep the top-k reference log-probs per position and the tail mass: (..., V) -> TopK."""
     if not 1 <= k <= reference_logits.shape[-1]:
         raise ValueError(f"k must be in [1, {reference_logits.shape[-1]}], got {k}")
-    logps = F.log_softmax(reference_logits.float(), dim=-1)
+    # At least float32: bf16 log-probs would make the tail mass (1 - sum of top-k) mostly rounding.
+    logps = F.log_softmax(reference_logits.to(torch.promote_types(reference_logits.dtype, torch.float32)), dim=-1)
     top_logps, top_ids = logps.topk(k, dim=-1)
-    return TopK(ids=top_ids, logps=top_logps, tail_logp=_log1mexp(torch.logsumexp(top_logps, dim=-1)))
+    return TopK(ids=top_ids, logps=top_logps, tail_logp=_tail_logsumexp(logps, top_ids))
 
 
 def topk_position_kl(reference: TopK, policy_logits: torch.Tensor) -> torch.Tensor:
@@ -122,7 +123,7 @@ def topk_position_kl(reference: TopK, policy_logits: torch.Tensor) -> torch.Tens
     """
     pol_logps = F.log_softmax(policy_logits, dim=-1)
     pol_top = pol_logps.gather(-1, reference.ids)  # (..., k)
-    pol_tail = _log1mexp(torch.logsumexp(pol_top, dim=-1))
+    pol_tail = _tail_logsumexp(pol_logps, reference.ids)
     top_term = (reference.logps.exp() * (reference.logps - pol_top)).sum(dim=-1)
     ref_tail_p = reference.tail_logp.exp()
     # 0 * log(0 / q) = 0: a position whose reference tail is empty contributes nothing there.
@@ -130,7 +131,10 @@ def topk_position_kl(reference: TopK, policy_logits: torch.Tensor) -> torch.Tens
     return top_term + tail_term
 
 
-def _log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """log(1 - exp(x)) for x <= 0, accurate near 0 and for very negative x (Maechler 2012)."""
-    x = x.clamp(max=0.0)
-    return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+def _tail_logsumexp(logps: torch.Tensor, top_ids: torch.Tensor) -> torch.Tensor:
+    """log of the probability mass outside ``top_ids``: (..., V), (..., k) -> (...).
+
+    Summed directly over the tail rather than as log(1 - sum(top)), which cancels
+    catastrophically when the top-k hold nearly all the mass; -inf when k == V.
+    """
+    return torch.logsumexp(logps.scatter(-1, top_ids, float("-inf")), dim=-1)

@@ -42,20 +42,9 @@ def normalize_record(row: int, record: Any) -> PreferenceExample | list[RowProbl
     if not isinstance(record, dict):
         return [RowProblem(row, "(row)", f"expected an object with prompt/chosen/rejected, got {_kind(record)}")]
 
-    problems: list[RowProblem] = []
-    fields = ("prompt", "chosen", "rejected") if "prompt" in record else ("chosen", "rejected")
-    # The chosen response decides the format; the others must agree with it.
+    # The chosen response decides the format; the other fields must agree with it.
     conversational = isinstance(record.get("chosen"), list)
-    values: dict[str, Any] = {}
-    for field in fields:
-        if field not in record:
-            problems.append(RowProblem(row, field, "missing"))
-            continue
-        value, issue = _check_field(record[field], conversational)
-        if issue:
-            problems.append(RowProblem(row, field, issue))
-        else:
-            values[field] = value
+    values, problems = _check_fields(row, record, conversational)
     if problems:
         return problems
 
@@ -73,6 +62,22 @@ def normalize_record(row: int, record: Any) -> PreferenceExample | list[RowProbl
     if values["chosen"] == values["rejected"]:
         return [RowProblem(row, "rejected", "identical to chosen")]
     return PreferenceExample(row=row, prompt=values["prompt"], chosen=values["chosen"], rejected=values["rejected"])
+
+
+def _check_fields(row: int, record: dict[str, Any], conversational: bool) -> tuple[dict[str, Any], list[RowProblem]]:
+    fields = ("prompt", "chosen", "rejected") if "prompt" in record else ("chosen", "rejected")
+    values: dict[str, Any] = {}
+    problems: list[RowProblem] = []
+    for field in fields:
+        if field not in record:
+            problems.append(RowProblem(row, field, "missing"))
+            continue
+        value, issue = _check_field(record[field], conversational)
+        if issue:
+            problems.append(RowProblem(row, field, issue))
+        else:
+            values[field] = value
+    return values, problems
 
 
 def _kind(value: Any) -> str:

@@ -88,7 +88,7 @@ def _read_jsonl(path: Path) -> Iterator[tuple[int, Record]]:
             try:
                 yield number, json.loads(line)
             except json.JSONDecodeError as e:
-                yield number, Unparseable(f"line is not valid JSON: {e.msg} at column {e.colno}")
+                yield number, Unparseable(f"line is not valid JSON: {e.msg} at character {e.pos}")
 
 
 def _read_json(path: Path) -> Iterator[tuple[int, Record]]:

@@ -19,7 +19,9 @@ from pipeline import tokenstats
 from pipeline.losses import LossParams, PreferenceStats, compute_loss, get_loss
 
 # Config attributes of architectures whose logits are not just `lm_head(hidden)`.
-_HEAD_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+_HEAD_TRANSFORMS = (
+    "final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier", "lm_head_multiplier",
+)
 
 
 def head_is_plain(model: torch.nn.Module) -> bool:

@@ -1,0 +1,97 @@
+"""The config tree: YAML + dotted overrides, every error naming its key path, round-trips."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.config import RunConfig, load_config, save_config
+from pipeline.errors import ConfigError
+from tests.conftest import REPO
+
+TINY = REPO / "configs" / "tiny.yaml"
+
+
+def test_shipped_configs_validate():
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        assert isinstance(load_config(path), RunConfig), path
+
+
+def test_overrides_are_typed():
+    cfg = load_config(TINY, ["loss.beta=0.2", "loss.name=tdpo2", "train.max_steps=7", "data.max_prompt_length=null"])
+    assert cfg.loss.beta == 0.2 and cfg.loss.name == "tdpo2" and cfg.loss.token_level
+    assert cfg.train.max_steps == 7 and cfg.data.max_prompt_length is None
+
+
+@pytest.mark.parametrize(
+    "override,fragment",
+    [
+        ("loss.beta=0", "loss.beta: Input should be greater than 0"),
+        ("loss.beta=-1", "loss.beta: Input should be greater than 0"),
+        ("loss.alpha=-0.1", "loss.alpha: Input should be greater than or equal to 0"),
+        ("loss.name=kto", "loss.name: Input should be 'dpo', 'cdpo', 'ipo', 'hinge', 'tdpo1' or 'tdpo2'"),
+        ("loss.label_smoothing=0.5", "loss.label_smoothing: Input should be less than 0.5"),
+        ("train.batch_size=abc", "train.batch_size: Input should be a valid integer"),
+        ("train.batch_size=2.5", "train.batch_size: Input should be a valid integer"),
+        ("train.learning_rate=fast", "train.learning_rate: Input should be a valid number"),
+        ("data.max_prompt_length=200", "data: Value error, max_prompt_length (200) must be smaller than max_length (160)"),
+        ("data.on_invalid=ignore", "data.on_invalid: Input should be 'error' or 'skip'"),
+        ("train.warmup_steps=10", "train: Value error, warmup_steps (10) exceeds max_steps (4)"),
+        ("loss.betta=0.1", "loss.betta: unknown key"),
+        ("trainer.steps=3", "trainer: unknown key"),
+        ("output.run_name=../escape", "output.run_name: String should match pattern"),
+    ],
+)
+def test_bad_values_name_their_key_path(override, fragment):
+    with pytest.raises(ConfigError) as info:
+        load_config(TINY, [override])
+    assert fragment in str(info.value)
+
+
+def test_every_problem_is_reported_at_once(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model: {policy: builtin:tiny}\ndata: {source: x, max_length: 1}\nloss: {name: dpo, beta: -2}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    text = str(info.value)
+    assert "data.max_length" in text and "loss.beta" in text
+
+
+def test_required_keys(tmp_path):
+    path = tmp_path / "empty.yaml"
+    path.write_text("loss: {beta: 0.1}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    text = str(info.value)
+    for key in ("model: required key is missing", "data: required key is missing", "loss.name: required key"):
+        assert key in text
+
+
+@pytest.mark.parametrize("override", ["loss.beta", "=3", "loss..beta=1", "loss.beta=[unclosed"])
+def test_malformed_overrides(override):
+    with pytest.raises(ConfigError, match="override"):
+        load_config(TINY, [override])
+
+
+def test_override_into_a_scalar_is_refused():
+    with pytest.raises(ConfigError, match="loss.beta is not a section"):
+        load_config(TINY, ["loss.beta.x=1"])
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping at the top level"):
+        load_config(listy)
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(TINY, ["loss.name=tdpo1", "loss.beta=0.05"])
+    path = save_config(cfg, tmp_path / "run")
+    assert path.name == "config.yaml"
+    assert load_config(path) == cfg

@@ -58,3 +58,12 @@ def test_a_few_steps_on_smollm2(loss):
     assert history[-1]["kl/chosen"] > 0  # the policy moved away from the reference
     assert all(torch.isfinite(torch.tensor(list(h.values()))).all() for h in history)
     print(f"\n{loss}: seconds per step {[round(s, 2) for s in seconds]}")
+
+
+def test_gguf_file_spec_shares_the_builtin_cache():
+    """A .gguf path goes through the same de-quantise-and-cache path as the builtin (same file, same cache)."""
+    from pipeline.models.loading import _smollm2_gguf, resolve
+
+    gguf = _smollm2_gguf()
+    assert resolve(str(gguf)).location == resolve(SPEC).location
+    assert resolve(str(gguf)).identity == f"gguf:{gguf.resolve()}"

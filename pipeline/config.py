@@ -115,12 +115,22 @@ class OutputConfig(_Strict):
     run_name: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]+$", description="default: <loss>-<timestamp>")
 
 
+class TrackingConfig(_Strict):
+    """MLflow. uri: null means $MLFLOW_TRACKING_URI, else an embedded SQLite store in output.dir."""
+
+    enabled: bool = True
+    uri: str | None = Field(None, description="e.g. http://127.0.0.1:5000 or sqlite:///path/mlflow.db")
+    experiment: str = Field("rayprefopt", min_length=1)
+    log_model: bool = Field(False, description="also upload the exported model as a run artifact")
+
+
 class RunConfig(_Strict):
     model: ModelConfig
     data: DataConfig
     loss: LossConfig
     train: TrainConfig = TrainConfig()
     output: OutputConfig = OutputConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
 
 def _format_validation_error(err: ValidationError, origin: str) -> str:

@@ -5,7 +5,7 @@ row of the dataset) is checked before the models are loaded and before any
 step runs. Outputs of a run (``output.dir/<run name>/``):
     config.yaml      the resolved configuration
     data_report.json rows read, valid, skipped (with row numbers and reasons)
-    metrics.jsonl    one line per logged optimizer step
+    metrics.jsonl    one line per logged optimizer step (also sent to MLflow, see pipeline.tracking)
     model/           the trained policy and tokenizer (safetensors), if train.save_model
 """
 
@@ -26,6 +26,7 @@ from pipeline.data.dataset import PreferenceDataset, load_preference_dataset
 from pipeline.data.tokenization import collate_pairs
 from pipeline.losses import LossParams
 from pipeline.models.loading import load_causal_lm, load_tokenizer
+from pipeline.tracking import Tracker, flatten, open_tracker
 from pipeline.train.batches import PairBatches
 from pipeline.train.step import StepOptions, optimizer_step
 
@@ -83,6 +84,7 @@ def write_data_report(dataset: PreferenceDataset, run_dir: Path) -> None:
 
 
 def train_local(cfg: RunConfig, *, progress: bool = True, run_dir: Path | None = None) -> TrainResult:
+    """Validate everything cheap, then train on one process; MLflow gets params, metrics, artifacts."""
     torch.manual_seed(cfg.train.seed)
     run_dir = run_dir or run_dir_for(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -95,6 +97,20 @@ def train_local(cfg: RunConfig, *, progress: bool = True, run_dir: Path | None =
     assert dataset.pairs is not None
     batches = PairBatches(len(dataset.pairs), cfg.train.batch_size, cfg.train.seed)
 
+    with open_tracker(cfg, run_dir.name, tags={"loss": cfg.loss.name, "trainer": "local"}) as tracker:
+        tracker.log_params(flatten(cfg.model_dump(mode="json")))
+        tracker.log_artifact(run_dir / "config.yaml")
+        tracker.log_artifact(run_dir / "data_report.json")
+        result = _train(cfg, run_dir, dataset, batches, tokenizer, tracker, progress)
+        if result.model_dir is not None and cfg.tracking.log_model:
+            tracker.log_artifact(result.model_dir, "model")
+    return result
+
+
+def _train(cfg: RunConfig, run_dir: Path, dataset: PreferenceDataset, batches: PairBatches, tokenizer: Any,
+           tracker: Tracker, progress: bool) -> TrainResult:
+    from tqdm.auto import tqdm
+
     policy, reference = load_models(cfg)
     optimizer = torch.optim.AdamW(
         policy.parameters(), lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay
@@ -104,12 +120,9 @@ def train_local(cfg: RunConfig, *, progress: bool = True, run_dir: Path | None =
         loss=cfg.loss.name,
         params=LossParams(beta=cfg.loss.beta, alpha=cfg.loss.alpha, label_smoothing=cfg.loss.label_smoothing),
     )
-
     result = TrainResult(run_dir=run_dir)
     stream = batches.iterate()
     durations: list[float] = []
-    from tqdm.auto import tqdm
-
     bar = tqdm(range(cfg.train.max_steps), desc=f"{cfg.loss.name} training", unit="step", disable=not progress)
     with (run_dir / "metrics.jsonl").open("w", encoding="utf-8") as log:
         for step in bar:
@@ -123,12 +136,15 @@ def train_local(cfg: RunConfig, *, progress: bool = True, run_dir: Path | None =
                 scheduler=scheduler, max_grad_norm=cfg.train.max_grad_norm,
             )
             durations.append(time.perf_counter() - started)
-            metrics.update(step=step + 1, epoch=position.epoch, lr=scheduler.get_last_lr()[0],
-                           seconds=durations[-1])
-            result.history.append(metrics)
+            tokens = sum(int(mb["attention_mask"].sum()) for mb in micro)
+            metrics.update(epoch=position.epoch, lr=scheduler.get_last_lr()[0], seconds=durations[-1],
+                           **{"throughput/pairs_per_s": cfg.train.pairs_per_step / durations[-1],
+                              "throughput/tokens_per_s": tokens / durations[-1]})
+            result.history.append({"step": step + 1, **metrics})
             if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.max_steps:
-                log.write(json.dumps(metrics) + "\n")
+                log.write(json.dumps({"step": step + 1, **metrics}) + "\n")
                 log.flush()
+                tracker.log_metrics(metrics, step=step + 1)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}")
     steady = durations[1:] or durations
     result.seconds_per_step = float(torch.tensor(steady).median())

@@ -1,0 +1,163 @@
+"""The one MLflow logger: rank-aware, explicit run ids, secrets redacted.
+
+Every MLflow call of the project goes through :class:`Tracker`. Only rank 0
+writes; on other ranks every method is a no-op, so worker code can call it
+unconditionally. It uses ``MlflowClient`` with an explicit run id rather than
+MLflow's global "active run", so several runs (sweep trials, workers) never
+write into each other.
+
+Where runs go: ``tracking.uri`` if set, else ``$MLFLOW_TRACKING_URI``, else an
+embedded SQLite store under the output directory (``<output.dir>/mlflow.db``,
+artifacts beside it). A server URI that does not answer is a
+:class:`TrackingError` raised by :func:`open_tracker` before any training.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import RunConfig
+from pipeline.errors import PipelineError
+
+SECRET_KEY = re.compile(r"token|secret|password|passwd|api[_-]?key|credential|auth", re.IGNORECASE)
+REDACTED = "***"
+
+
+class TrackingError(PipelineError):
+    """The tracking store cannot be reached or written."""
+
+
+def tracking_uri(cfg: RunConfig) -> str:
+    if cfg.tracking.uri:
+        return cfg.tracking.uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    root = Path(cfg.output.dir).expanduser().resolve()
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"loss": {"beta": 0.1}} -> {"loss.beta": 0.1}"""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, path + "."))
+        else:
+            flat[path] = value
+    return flat
+
+
+def redact(params: dict[str, Any]) -> dict[str, Any]:
+    """Hide values whose key names a secret, and credentials embedded in URIs."""
+    out = {}
+    for key, value in params.items():
+        if SECRET_KEY.search(key.rsplit(".", 1)[-1]):
+            out[key] = REDACTED
+        elif isinstance(value, str):
+            out[key] = re.sub(r"(://)[^/@\s]+@", rf"\1{REDACTED}@", value)  # user:pass@host
+        else:
+            out[key] = value
+    return out
+
+
+class Tracker:
+    """One MLflow run. Construct with :func:`open_tracker`; use as a context manager."""
+
+    def __init__(self, client: Any, run_id: str | None, uri: str):
+        self.client = client
+        self.run_id = run_id
+        self.uri = uri
+
+    @property
+    def active(self) -> bool:
+        return self.run_id is not None
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        if not self.active:
+            return
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)) for k, v in redact(params).items()]
+        for start in range(0, len(items), 100):  # MLflow caps a batch at 100 params
+            self.client.log_batch(self.run_id, params=items[start : start + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if not self.active:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self.client.log_batch(self.run_id, metrics=items)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if not self.active:
+            return
+        path = Path(path)
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def end(self, status: str = "FINISHED") -> None:
+        if self.active:
+            self.client.set_terminated(self.run_id, status)
+            self.run_id = None
+
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.end("FINISHED" if exc_type is None else ("KILLED" if exc_type is KeyboardInterrupt else "FAILED"))
+
+
+def open_tracker(cfg: RunConfig, run_name: str, *, rank: int = 0, tags: dict[str, str] | None = None) -> Tracker:
+    """Start the run on rank 0 (checking the store answers first); a no-op tracker elsewhere or when disabled."""
+    uri = tracking_uri(cfg)
+    if rank != 0 or not cfg.tracking.enabled:
+        return Tracker(None, None, uri)
+    from mlflow.tracking import MlflowClient
+
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+    elif uri.startswith(("http://", "https://")):
+        check_server(uri)
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+        if experiment is None:
+            experiment_id = client.create_experiment(cfg.tracking.experiment, artifact_location=_artifact_root(uri))
+        else:
+            experiment_id = experiment.experiment_id
+        run = client.create_run(experiment_id, run_name=run_name, tags=tags or {})
+    except Exception as e:  # connection refused, bad URI, read-only store: all fatal here, before training
+        raise TrackingError(f"MLflow tracking store at {_safe(uri)} cannot be used: {type(e).__name__}: {e}") from None
+    return Tracker(client, run.info.run_id, uri)
+
+
+def check_server(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast on a tracking server that does not answer: MLflow's own client retries for minutes."""
+    import requests
+
+    try:
+        response = requests.get(uri.rstrip("/") + "/health", timeout=timeout)
+    except requests.RequestException as e:
+        raise TrackingError(f"MLflow tracking server {_safe(uri)} is unreachable: {type(e).__name__}: {e}") from None
+    if response.status_code != 200:
+        raise TrackingError(f"MLflow tracking server {_safe(uri)} answered /health with HTTP {response.status_code}")
+
+
+def _artifact_root(uri: str) -> str | None:
+    """Artifacts of the embedded store live beside its database; servers choose their own."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///") :]).parent / "mlartifacts").as_uri()
+    return None
+
+
+def _safe(uri: str) -> str:
+    return re.sub(r"(://)[^/@\s]+@", rf"\1{REDACTED}@", uri)

@@ -87,3 +87,17 @@ def test_topk_tail_mass():
     assert top.tail_logp.exp().item() == pytest.approx(0.1, rel=1e-9)
     with pytest.raises(ValueError):
         tokenstats.topk_compress(probs.log(), 4)
+
+
+def test_half_precision_logits_are_computed_in_float32():
+    """bf16 logits (as a bf16 model emits them) give float32 statistics as exact as those logits allow."""
+    torch.manual_seed(2)
+    ref = (3 * torch.randn(32, 4096)).bfloat16()
+    pol = (ref.float() + 0.05 * torch.randn(32, 4096)).bfloat16()
+    targets = torch.randint(0, 4096, (32,))
+    kl = tokenstats.position_kl(ref, pol)
+    logps = tokenstats.token_logps(pol, targets)
+    assert kl.dtype == logps.dtype == torch.float32
+    exact_kl = tokenstats.position_kl(ref.double(), pol.double())
+    assert_close(kl.double(), exact_kl, rtol=1e-3, atol=0)  # in bf16 arithmetic this was off by 18x
+    assert_close(logps.double(), tokenstats.token_logps(pol.double(), targets), rtol=0, atol=1e-4)

@@ -19,7 +19,6 @@ import torch
 from pipeline.config import load_config
 from pipeline.data.dataset import load_preference_dataset
 from pipeline.data.tokenization import collate_pairs
-from pipeline.losses import LossParams
 from pipeline.models.loading import load_tokenizer
 from pipeline.train.batches import PairBatches
 from pipeline.train.local import load_models
@@ -51,7 +50,7 @@ def main() -> None:
         tokens.append(int(batch["attention_mask"].sum()))
         for loss in losses:
             policy, reference, optimizer = runs[loss]
-            options = StepOptions(loss=loss, params=LossParams(beta=cfg.loss.beta, alpha=cfg.loss.alpha))
+            options = StepOptions.from_config(cfg.loss.model_copy(update={"name": loss}))
             start = time.perf_counter()
             optimizer_step(policy, reference, optimizer, [batch], options, max_grad_norm=cfg.train.max_grad_norm)
             seconds[loss].append(time.perf_counter() - start)

@@ -57,6 +57,12 @@ def print_lengths(dataset: PreferenceDataset, tokenizer: str) -> None:
         print(f"  {column:<9} min {s['min']:>5}  median {s['median']:>7.1f}  max {s['max']:>5}")
 
 
+def print_problems(header: str, problems: list) -> None:
+    print(header)
+    for problem in problems:
+        print(f"  {problem}")
+
+
 def main() -> int:
     args = parse_args()
     cfg, tokenizer_spec = data_config(args)
@@ -70,18 +76,14 @@ def main() -> int:
     except DataError as e:
         if not e.problems:
             raise  # the source itself is unreadable: exit 2 with the message
-        print(f"{cfg.source}: no valid rows; {len({p.row for p in e.problems})} invalid:")
-        for problem in e.problems:
-            print(f"  {problem}")
+        print_problems(f"{cfg.source}: no valid rows; {len({p.row for p in e.problems})} invalid:", e.problems)
         return 1
     report = dataset.report
     print(report.summary())
     if tokenizer_spec:
         print_lengths(dataset, tokenizer_spec)
     if report.problems:
-        print("invalid rows:")
-        for problem in report.problems:
-            print(f"  {problem}")
+        print_problems("invalid rows:", report.problems)
         return 1
     return 0
 

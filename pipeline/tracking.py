@@ -59,7 +59,7 @@ def redact(params: dict[str, Any]) -> dict[str, Any]:
         if SECRET_KEY.search(key.rsplit(".", 1)[-1]):
             out[key] = REDACTED
         elif isinstance(value, str):
-            out[key] = re.sub(r"(://)[^/@\s]+@", rf"\1{REDACTED}@", value)  # user:pass@host
+            out[key] = _safe(value)
         else:
             out[key] = value
     return out
@@ -123,8 +123,9 @@ def open_tracker(cfg: RunConfig, run_name: str, *, rank: int = 0, tags: dict[str
         return Tracker(None, None, uri)
     from mlflow.tracking import MlflowClient
 
-    if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+    database = _sqlite_path(uri)
+    if database is not None:
+        database.parent.mkdir(parents=True, exist_ok=True)
     elif uri.startswith(("http://", "https://")):
         check_server(uri)
     client = MlflowClient(tracking_uri=uri)
@@ -152,12 +153,17 @@ def check_server(uri: str, timeout: float = 5.0) -> None:
         raise TrackingError(f"MLflow tracking server {_safe(uri)} answered /health with HTTP {response.status_code}")
 
 
+def _sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI; None for any other store."""
+    return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
+
+
 def _artifact_root(uri: str) -> str | None:
     """Artifacts of the embedded store live beside its database; servers choose their own."""
-    if uri.startswith("sqlite:///"):
-        return (Path(uri[len("sqlite:///") :]).parent / "mlartifacts").as_uri()
-    return None
+    database = _sqlite_path(uri)
+    return None if database is None else (database.parent / "mlartifacts").as_uri()
 
 
-def _safe(uri: str) -> str:
-    return re.sub(r"(://)[^/@\s]+@", rf"\1{REDACTED}@", uri)
+def _safe(text: str) -> str:
+    """Hide credentials embedded in a URI (scheme://user:pass@host)."""
+    return re.sub(r"(://)[^/@\s]+@", rf"\1{REDACTED}@", text)

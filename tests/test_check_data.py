@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 
-from tests.conftest import CONVERSATIONAL_ROWS, REPO, STANDARD_ROWS, write_jsonl
+from tests.conftest import CONVERSATIONAL_ROWS, STANDARD_ROWS, run_module, write_jsonl
 
 
 def check_data(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "jobs.check_data", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
+    return run_module("jobs.check_data", *args)
 
 
 BAD_ROWS = [

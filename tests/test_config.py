@@ -7,8 +7,7 @@ import pytest
 from pipeline.config import RunConfig, load_config, save_config
 from pipeline.errors import ConfigError
 from tests.conftest import REPO
-
-TINY = REPO / "configs" / "tiny.yaml"
+from tests.conftest import TINY_CONFIG as TINY
 
 
 def test_shipped_configs_validate():
@@ -47,21 +46,24 @@ def test_bad_values_name_their_key_path(override, fragment):
     assert fragment in str(info.value)
 
 
-def test_every_problem_is_reported_at_once(tmp_path):
-    path = tmp_path / "bad.yaml"
-    path.write_text("model: {policy: builtin:tiny}\ndata: {source: x, max_length: 1}\nloss: {name: dpo, beta: -2}\n")
+def config_error(tmp_path, yaml_text: str) -> str:
+    """The ConfigError message for a config file holding ``yaml_text``."""
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml_text)
     with pytest.raises(ConfigError) as info:
         load_config(path)
-    text = str(info.value)
+    return str(info.value)
+
+
+def test_every_problem_is_reported_at_once(tmp_path):
+    text = config_error(
+        tmp_path, "model: {policy: builtin:tiny}\ndata: {source: x, max_length: 1}\nloss: {name: dpo, beta: -2}\n"
+    )
     assert "data.max_length" in text and "loss.beta" in text
 
 
 def test_required_keys(tmp_path):
-    path = tmp_path / "empty.yaml"
-    path.write_text("loss: {beta: 0.1}\n")
-    with pytest.raises(ConfigError) as info:
-        load_config(path)
-    text = str(info.value)
+    text = config_error(tmp_path, "loss: {beta: 0.1}\n")
     for key in ("model: required key is missing", "data: required key is missing", "loss.name: required key"):
         assert key in text
 

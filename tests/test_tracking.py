@@ -10,9 +10,7 @@ import pytest
 from pipeline.config import load_config
 from pipeline.tracking import REDACTED, TrackingError, open_tracker, redact, tracking_uri
 from pipeline.train.local import train_local
-from tests.conftest import REPO
-
-TINY = REPO / "configs" / "tiny.yaml"
+from tests.conftest import TINY_CONFIG as TINY
 
 
 def test_training_run_lands_in_the_embedded_store(tmp_path):

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -20,7 +18,7 @@ from pipeline.models.loading import load_causal_lm
 from pipeline.train.batches import BatchPosition, PairBatches
 from pipeline.train.local import train_local
 from pipeline.train.step import StepOptions, batch_stats, optimizer_step, response_logits
-from tests.conftest import REPO, STANDARD_ROWS
+from tests.conftest import STANDARD_ROWS, TINY_CONFIG, run_module
 
 
 @pytest.fixture
@@ -110,7 +108,7 @@ def test_batches_resume_at_any_position():
 
 
 def test_train_local_writes_its_outputs(tmp_path):
-    cfg = load_config(REPO / "configs" / "tiny.yaml",
+    cfg = load_config(TINY_CONFIG,
                       [f"output.dir={tmp_path}", "output.run_name=t", "loss.name=tdpo2", "train.max_steps=3"])
     result = train_local(cfg, progress=False)
     run = tmp_path / "t"
@@ -127,8 +125,7 @@ def test_train_local_writes_its_outputs(tmp_path):
 
 
 def run_job(*args):
-    return subprocess.run([sys.executable, "-m", "jobs.train", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
+    return run_module("jobs.train", *args)
 
 
 def test_train_job_end_to_end(tmp_path):

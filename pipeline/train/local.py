@@ -24,7 +24,6 @@ import torch
 from pipeline.config import RunConfig, save_config
 from pipeline.data.dataset import PreferenceDataset, load_preference_dataset
 from pipeline.data.tokenization import collate_pairs
-from pipeline.losses import LossParams
 from pipeline.models.loading import load_causal_lm, load_tokenizer
 from pipeline.tracking import Tracker, flatten, open_tracker
 from pipeline.train.batches import PairBatches
@@ -116,10 +115,7 @@ def _train(cfg: RunConfig, run_dir: Path, dataset: PreferenceDataset, batches: P
         policy.parameters(), lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay
     )
     scheduler = warmup_schedule(optimizer, cfg.train.warmup_steps, cfg.train.max_steps)
-    options = StepOptions(
-        loss=cfg.loss.name,
-        params=LossParams(beta=cfg.loss.beta, alpha=cfg.loss.alpha, label_smoothing=cfg.loss.label_smoothing),
-    )
+    options = StepOptions.from_config(cfg.loss)
     result = TrainResult(run_dir=run_dir)
     stream = batches.iterate()
     durations: list[float] = []
@@ -140,9 +136,10 @@ def _train(cfg: RunConfig, run_dir: Path, dataset: PreferenceDataset, batches: P
             metrics.update(epoch=position.epoch, lr=scheduler.get_last_lr()[0], seconds=durations[-1],
                            **{"throughput/pairs_per_s": cfg.train.pairs_per_step / durations[-1],
                               "throughput/tokens_per_s": tokens / durations[-1]})
-            result.history.append({"step": step + 1, **metrics})
+            record = {"step": step + 1, **metrics}
+            result.history.append(record)
             if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.max_steps:
-                log.write(json.dumps({"step": step + 1, **metrics}) + "\n")
+                log.write(json.dumps(record) + "\n")
                 log.flush()
                 tracker.log_metrics(metrics, step=step + 1)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}")

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline import tokenstats
+from pipeline.config import LossConfig
 from pipeline.losses import LossParams, PreferenceStats, compute_loss, get_loss
 
 # Config attributes of architectures whose logits are not just `lm_head(hidden)`.
@@ -52,6 +53,11 @@ class StepOptions:
     loss: str
     params: LossParams
     log_kl: bool = True  # report kl/* for the DPO family too (computed without gradient)
+
+    @classmethod
+    def from_config(cls, loss: LossConfig) -> StepOptions:
+        params = LossParams(beta=loss.beta, alpha=loss.alpha, label_smoothing=loss.label_smoothing)
+        return cls(loss=loss.name, params=params)
 
 
 def batch_stats(

@@ -20,6 +20,7 @@ from pipeline.config import load_config
 from pipeline.data.dataset import load_preference_dataset
 from pipeline.data.tokenization import collate_pairs
 from pipeline.models.loading import load_tokenizer
+from pipeline.reference.scorer import ReferenceScorer
 from pipeline.train.batches import PairBatches
 from pipeline.train.local import load_models
 from pipeline.train.step import StepOptions, optimizer_step
@@ -52,7 +53,9 @@ def main() -> None:
             policy, reference, optimizer = runs[loss]
             options = StepOptions.from_config(cfg.loss.model_copy(update={"name": loss}))
             start = time.perf_counter()
-            optimizer_step(policy, reference, optimizer, [batch], options, max_grad_norm=cfg.train.max_grad_norm)
+            reference_stats = ReferenceScorer(reference, "exact").score(batch)
+            optimizer_step(policy, optimizer, [(batch, reference_stats)], options,
+                           max_grad_norm=cfg.train.max_grad_norm)
             seconds[loss].append(time.perf_counter() - start)
     print(f"model {cfg.model.policy}, batch {cfg.train.batch_size} pairs, max_length {cfg.data.max_length}, "
           f"mean {statistics.mean(tokens):.0f} tokens per batch, torch {torch.__version__}, "

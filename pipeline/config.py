@@ -91,7 +91,7 @@ class TrainConfig(_Strict):
     seed: int = Field(0, ge=0)
     learning_rate: float = Field(5e-6, gt=0, le=1.0)
     weight_decay: float = Field(0.0, ge=0)
-    batch_size: int = Field(4, ge=1, description="preference pairs per micro-batch")
+    batch_size: int = Field(4, ge=1, description="preference pairs per micro-batch (per worker when distributed)")
     gradient_accumulation_steps: int = Field(1, ge=1)
     max_steps: int = Field(100, ge=1, description="optimizer steps")
     warmup_steps: int = Field(0, ge=0)
@@ -124,13 +124,73 @@ class TrackingConfig(_Strict):
     log_model: bool = Field(False, description="also upload the exported model as a run artifact")
 
 
+class ReferenceConfig(_Strict):
+    """How the frozen reference model serves its statistics to the training workers.
+
+    mode: what a token-level loss (TDPO) gets per response position
+      exact      the full reference log-probs (V numbers per position, stored in `dtype`)
+      topk       the `topk` largest log-probs, their ids and the tail mass (a coarse-grained KL)
+      colocated  the reference runs inside each training worker, no actors, no cache
+    The DPO family only ever needs one summed log-prob per sequence, whatever the mode.
+    """
+
+    mode: Literal["exact", "topk", "colocated"] = "exact"
+    topk: int = Field(64, ge=1, description="tokens kept per position in topk mode")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="storage dtype of exact per-position log-probs (KL is always computed in float32)"
+    )
+    num_actors: int = Field(1, ge=1, description="reference actors (each holds one copy of the model)")
+    cpus_per_actor: float = Field(1.0, ge=0)
+    gpus_per_actor: float = Field(0.0, ge=0)
+    batch_size: int = Field(8, ge=1, description="pairs per reference forward pass")
+    chunk_size: int = Field(32, ge=1, description="pairs per cached chunk (the unit of work and of the cache)")
+    cache: bool = Field(True, description="reuse reference outputs stored under the storage path")
+    max_restarts: int = Field(3, ge=-1, description="times a dead reference actor is replaced (-1: always)")
+
+
+class DistributedConfig(_Strict):
+    """Ray Train + DeepSpeed. ``enabled: false`` runs the single-process reference trainer instead."""
+
+    enabled: bool = True
+    address: str | None = Field(None, description="Ray cluster address; null: $RAY_ADDRESS, else start Ray locally")
+    num_workers: int = Field(1, ge=1, description="data-parallel training workers")
+    use_gpu: bool = Field(False, description="one GPU per worker, NCCL; otherwise CPU and gloo")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: bool = Field(False, description="ZeRO optimizer state in CPU memory")
+    offload_params: bool = Field(False, description="ZeRO-3 parameters in CPU memory")
+    checkpoint_every: int | None = Field(None, ge=1, description="steps between checkpoints; null: only at the end")
+    keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(0, ge=-1, description="worker-group restarts from the last checkpoint (-1: always)")
+    storage_path: str | None = Field(
+        None, description="checkpoints and the reference cache; null: output.dir. Shared storage on multi-node clusters"
+    )
+
+    @model_validator(mode="after")
+    def _offload_params_needs_zero3(self) -> DistributedConfig:
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError(f"offload_params needs zero_stage 3 (got {self.zero_stage})")
+        return self
+
+
 class RunConfig(_Strict):
     model: ModelConfig
     data: DataConfig
     loss: LossConfig
     train: TrainConfig = TrainConfig()
+    reference: ReferenceConfig = ReferenceConfig()
+    distributed: DistributedConfig = DistributedConfig()
     output: OutputConfig = OutputConfig()
     tracking: TrackingConfig = TrackingConfig()
+
+    @property
+    def workers(self) -> int:
+        return self.distributed.num_workers if self.distributed.enabled else 1
+
+    @property
+    def pairs_per_step(self) -> int:
+        """Preference pairs in one optimizer step, over all workers."""
+        return self.train.pairs_per_step * self.workers
 
 
 def _format_validation_error(err: ValidationError, origin: str) -> str:

@@ -62,16 +62,20 @@ def segment_sum(values: torch.Tensor, index: ResponseIndex) -> torch.Tensor:
     return out.index_add(0, index.segments, values)
 
 
-def _at_least_fp32(logits: torch.Tensor) -> torch.Tensor:
+def at_least_fp32(logits: torch.Tensor) -> torch.Tensor:
     """bf16/fp16 logits are upcast before log_softmax: in bf16 a per-token log-prob is off by
     ~0.05 nats and the KL between close distributions by more than its own size (measured)."""
     return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
+def log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """log_softmax over the vocabulary in at least float32: (..., V) -> (..., V)."""
+    return F.log_softmax(at_least_fp32(logits), dim=-1)
+
+
 def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log p(target) under ``logits``, computed in at least float32: (..., V), (...) -> (...)."""
-    logps = F.log_softmax(_at_least_fp32(logits), dim=-1)
-    return logps.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return log_probs(logits).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
 def position_kl(reference_logits: torch.Tensor, policy_logits: torch.Tensor) -> torch.Tensor:
@@ -80,8 +84,7 @@ def position_kl(reference_logits: torch.Tensor, policy_logits: torch.Tensor) -> 
     Differentiable with respect to ``policy_logits``; the reference is treated as constant data.
     Computed in at least float32.
     """
-    ref_logps = F.log_softmax(_at_least_fp32(reference_logits), dim=-1)
-    pol_logps = F.log_softmax(_at_least_fp32(policy_logits), dim=-1)
+    ref_logps, pol_logps = log_probs(reference_logits), log_probs(policy_logits)
     return (ref_logps.exp() * (ref_logps - pol_logps)).sum(dim=-1)
 
 
@@ -115,7 +118,7 @@ def topk_compress(reference_logits: torch.Tensor, k: int) -> TopK:
     """Keep the top-k reference log-probs per position and the tail mass: (..., V) -> TopK."""
     if not 1 <= k <= reference_logits.shape[-1]:
         raise ValueError(f"k must be in [1, {reference_logits.shape[-1]}], got {k}")
-    logps = F.log_softmax(_at_least_fp32(reference_logits), dim=-1)
+    logps = log_probs(reference_logits)
     top_logps, top_ids = logps.topk(k, dim=-1)
     return TopK(ids=top_ids, logps=top_logps, tail_logp=_tail_logsumexp(logps, top_ids))
 
@@ -127,7 +130,7 @@ def topk_position_kl(reference: TopK, policy_logits: torch.Tensor) -> torch.Tens
     the data-processing inequality this is a lower bound of :func:`position_kl`,
     equal to it when the tail is empty.
     """
-    pol_logps = F.log_softmax(_at_least_fp32(policy_logits), dim=-1)
+    pol_logps = log_probs(policy_logits)
     pol_top = pol_logps.gather(-1, reference.ids)  # (..., k)
     pol_tail = _tail_logsumexp(pol_logps, reference.ids)
     top_term = (reference.logps.exp() * (reference.logps - pol_top)).sum(dim=-1)

@@ -17,6 +17,7 @@ from pipeline.data.dataset import load_preference_dataset
 from pipeline.data.tokenization import collate_pairs
 from pipeline.losses import LossParams
 from pipeline.models.loading import load_causal_lm, load_tokenizer
+from pipeline.reference.scorer import ReferenceScorer
 from pipeline.train.local import load_models
 from pipeline.train.step import StepOptions, optimizer_step
 
@@ -46,12 +47,13 @@ def test_a_few_steps_on_smollm2(loss):
                                               max_prompt_length=64, limit=8), tokenizer)
     policy, reference = load_models(cfg)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-5)
+    scorer = ReferenceScorer(reference, "exact")
     options = StepOptions(loss=loss, params=LossParams(beta=0.1, alpha=0.5))
     seconds, history = [], []
     for step in range(3):
         batch = collate_pairs(data.pairs[4 * (step % 2): 4 * (step % 2) + 4], tokenizer.pad_token_id)
         start = time.perf_counter()
-        history.append(optimizer_step(policy, reference, optimizer, [batch], options, max_grad_norm=1.0))
+        history.append(optimizer_step(policy, optimizer, [(batch, scorer.score(batch))], options, max_grad_norm=1.0))
         seconds.append(time.perf_counter() - start)
     assert history[0]["loss"] == pytest.approx(0.6931, abs=1e-4)
     assert history[0]["kl/chosen"] == pytest.approx(0.0, abs=1e-5)

@@ -15,6 +15,7 @@ from pipeline.data.normalize import normalize_record
 from pipeline.data.tokenization import PairTokenizer, collate_pairs
 from pipeline.losses import LossParams, loss_from_logits
 from pipeline.models.loading import load_causal_lm
+from pipeline.reference.scorer import ReferenceScorer
 from pipeline.train.batches import BatchPosition, PairBatches
 from pipeline.train.local import train_local
 from pipeline.train.step import StepOptions, batch_stats, optimizer_step, response_logits
@@ -25,6 +26,12 @@ from tests.conftest import STANDARD_ROWS, TINY_CONFIG, run_module
 def pairs(tiny_tokenizer):
     tok = PairTokenizer(tiny_tokenizer, max_length=64)
     return [tok(normalize_record(i + 1, r)) for i, r in enumerate(STANDARD_ROWS)]
+
+
+def with_reference(reference, batches):
+    """(batch, live exact reference statistics) for each batch, as the single-process trainer does."""
+    scorer = ReferenceScorer(reference, "exact")
+    return [(b, scorer.score(b)) for b in batches]
 
 
 def models(dtype="float64"):
@@ -66,7 +73,7 @@ def test_loss_decreases_on_the_tiny_model(loss, pairs, tiny_tokenizer):
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3)
     batch = collate_pairs(pairs, tiny_tokenizer.pad_token_id)
     options = StepOptions(loss=loss, params=LossParams(beta=0.5, alpha=0.5))
-    history = [optimizer_step(policy, reference, optimizer, [batch], options, max_grad_norm=1.0) for _ in range(15)]
+    history = [optimizer_step(policy, optimizer, with_reference(reference, [batch]), options, max_grad_norm=1.0) for _ in range(15)]
     assert history[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # policy == reference: -log sigmoid(0)
     assert history[-1]["loss"] < 0.5 * history[0]["loss"]
     assert history[-1]["rewards/accuracies"] == 1.0
@@ -84,7 +91,7 @@ def test_accumulation_1x4_equals_4x1(loss, pairs, tiny_tokenizer):
         policy, reference = models()
         optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3)
         for _ in range(2):
-            metrics = optimizer_step(policy, reference, optimizer, micro, options, max_grad_norm=1.0)
+            metrics = optimizer_step(policy, optimizer, with_reference(reference, micro), options, max_grad_norm=1.0)
         results.append((policy, metrics))
     (a, ma), (b, mb) = results
     for (name, x), (_, y) in zip(a.named_parameters(), b.named_parameters(), strict=True):

@@ -25,6 +25,7 @@ from pipeline.config import RunConfig, save_config
 from pipeline.data.dataset import PreferenceDataset, load_preference_dataset
 from pipeline.data.tokenization import collate_pairs
 from pipeline.models.loading import load_causal_lm, load_tokenizer
+from pipeline.reference.scorer import ReferenceScorer, stats_kind
 from pipeline.tracking import Tracker, flatten, open_tracker
 from pipeline.train.batches import PairBatches
 from pipeline.train.step import StepOptions, optimizer_step
@@ -111,6 +112,7 @@ def _train(cfg: RunConfig, run_dir: Path, dataset: PreferenceDataset, batches: P
     from tqdm.auto import tqdm
 
     policy, reference = load_models(cfg)
+    scorer = ReferenceScorer(reference, stats_kind(cfg), topk=cfg.reference.topk, dtype=cfg.reference.dtype)
     optimizer = torch.optim.AdamW(
         policy.parameters(), lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay
     )
@@ -126,15 +128,16 @@ def _train(cfg: RunConfig, run_dir: Path, dataset: PreferenceDataset, batches: P
             micro = []
             for _ in range(cfg.train.gradient_accumulation_steps):
                 position, indices = next(stream)
-                micro.append(collate_pairs([dataset.pairs[i] for i in indices], tokenizer.pad_token_id))
+                batch = collate_pairs([dataset.pairs[i] for i in indices], tokenizer.pad_token_id)
+                micro.append((batch, scorer.score(batch)))
             metrics = optimizer_step(
-                policy, reference, optimizer, micro, options,
+                policy, optimizer, micro, options,
                 scheduler=scheduler, max_grad_norm=cfg.train.max_grad_norm,
             )
             durations.append(time.perf_counter() - started)
-            tokens = sum(int(mb["attention_mask"].sum()) for mb in micro)
+            tokens = sum(int(mb["attention_mask"].sum()) for mb, _ in micro)
             metrics.update(epoch=position.epoch, lr=scheduler.get_last_lr()[0], seconds=durations[-1],
-                           **{"throughput/pairs_per_s": cfg.train.pairs_per_step / durations[-1],
+                           **{"throughput/pairs_per_s": cfg.pairs_per_step / durations[-1],
                               "throughput/tokens_per_s": tokens / durations[-1]})
             record = {"step": step + 1, **metrics}
             result.history.append(record)

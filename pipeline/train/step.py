@@ -18,6 +18,7 @@ import torch
 from pipeline import tokenstats
 from pipeline.config import LossConfig
 from pipeline.losses import LossParams, PreferenceStats, compute_loss, get_loss
+from pipeline.reference.stats import SequenceStats
 
 # Config attributes of architectures whose logits are not just `lm_head(hidden)`.
 _HEAD_TRANSFORMS = (
@@ -60,26 +61,29 @@ class StepOptions:
         return cls(loss=loss.name, params=params)
 
 
-def batch_stats(
-    policy: torch.nn.Module,
-    reference: torch.nn.Module,
-    batch: dict[str, torch.Tensor],
+def policy_stats(
+    policy_logits: torch.Tensor,
+    index: tokenstats.ResponseIndex,
+    reference: SequenceStats,
     token_level: bool,
     log_kl: bool = True,
 ) -> PreferenceStats:
-    """Policy (with gradient) and reference (without) statistics of one collated batch."""
-    index = tokenstats.response_index(batch["labels"])
-    policy_logits = response_logits(policy, batch, index)  # (N, V)
-    with torch.no_grad():
-        reference_logits = response_logits(reference, batch, index)  # (N, V)
+    """Combine the policy's response logits (N, V) with the reference's statistics of the same rows.
+
+    ``reference`` holds the batch's 2B sequences in row order (chosen first). The
+    per-position KL is differentiable for token-level losses and detached
+    otherwise (a metric); it needs per-position reference statistics.
+    """
+    if not torch.equal(reference.lengths.to(index.lengths.device), index.lengths):
+        raise ValueError("reference statistics do not line up with the batch's response positions")
     policy_logps = tokenstats.segment_sum(tokenstats.token_logps(policy_logits, index.targets), index)  # (2B,)
-    reference_logps = tokenstats.segment_sum(tokenstats.token_logps(reference_logits, index.targets), index)
+    reference_logps = reference.logps.to(policy_logps.device)
     seq_kl = None
     if token_level:
-        seq_kl = tokenstats.segment_sum(tokenstats.position_kl(reference_logits, policy_logits), index)
-    elif log_kl:
+        seq_kl = tokenstats.segment_sum(reference.position_kl(policy_logits), index)
+    elif log_kl and reference.positions:
         with torch.no_grad():
-            seq_kl = tokenstats.segment_sum(tokenstats.position_kl(reference_logits, policy_logits), index)
+            seq_kl = tokenstats.segment_sum(reference.position_kl(policy_logits), index)
     b = index.batch_size // 2
     return PreferenceStats(
         policy_chosen_logps=policy_logps[:b],
@@ -93,36 +97,72 @@ def batch_stats(
     )
 
 
-def accumulate_gradients(
+def batch_stats(
     policy: torch.nn.Module,
     reference: torch.nn.Module,
-    micro_batches: Sequence[dict[str, torch.Tensor]],
+    batch: dict[str, torch.Tensor],
+    token_level: bool,
+    log_kl: bool = True,
+) -> PreferenceStats:
+    """Policy (with gradient) and live reference (exact, float32) statistics of one collated batch."""
+    from pipeline.reference.scorer import ReferenceScorer
+
+    index = tokenstats.response_index(batch["labels"])
+    kind = "exact" if token_level or log_kl else "sequence"
+    return policy_stats(response_logits(policy, batch, index), index, ReferenceScorer(reference, kind).score(batch),
+                        token_level, log_kl)
+
+
+def micro_batch_loss(
+    policy: torch.nn.Module, batch: dict[str, torch.Tensor], reference: SequenceStats, options: StepOptions
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-pair losses (B,) and per-pair metrics of one micro-batch against given reference statistics."""
+    index = tokenstats.response_index(batch["labels"])
+    logits = response_logits(policy, batch, index)
+    stats = policy_stats(logits, index, reference, get_loss(options.loss).token_level, options.log_kl)
+    return compute_loss(options.loss, stats, options.params)
+
+
+def accumulate_gradients(
+    policy: torch.nn.Module,
+    micro_batches: Sequence[tuple[dict[str, torch.Tensor], SequenceStats]],
     options: StepOptions,
 ) -> dict[str, torch.Tensor]:
-    """Backward over all micro-batches of one optimizer step; returns summed per-example metrics.
+    """Backward over all (batch, reference statistics) micro-batches of one optimizer step.
 
     Each micro-batch's summed loss is divided by the pairs in the *whole* step,
     so the gradient is the mean over pairs however the step is split:
-    1 micro-batch of 4 pairs and 4 of 1 give the same update.
+    1 micro-batch of 4 pairs and 4 of 1 give the same update. Returns summed
+    per-pair metrics and the pair count.
     """
-    token_level = get_loss(options.loss).token_level
-    total_pairs = sum(mb["input_ids"].shape[0] // 2 for mb in micro_batches)
+    total_pairs = sum(mb["input_ids"].shape[0] // 2 for mb, _ in micro_batches)
     sums: dict[str, torch.Tensor] = {}
-    for mb in micro_batches:
-        stats = batch_stats(policy, reference, mb, token_level, options.log_kl)
-        losses, metrics = compute_loss(options.loss, stats, options.params)
+    for mb, reference in micro_batches:
+        losses, metrics = micro_batch_loss(policy, mb, reference, options)
         (losses.sum() / total_pairs).backward()
-        for key, value in metrics.items():
-            sums[key] = sums.get(key, 0) + value.sum()
+        add_metrics(sums, metrics)
     sums["pairs"] = torch.tensor(float(total_pairs))
     return sums
 
 
+def add_metrics(sums: dict[str, torch.Tensor], metrics: dict[str, torch.Tensor]) -> None:
+    """Accumulate per-pair metrics (B,) into running sums (in place)."""
+    for key, value in metrics.items():
+        sums[key] = sums.get(key, 0) + value.detach().sum()
+
+
+def mean_metrics(sums: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Summed metrics and their pair count -> per-pair means, with one host sync."""
+    sums = dict(sums)
+    pairs = sums.pop("pairs")
+    values = torch.stack([torch.as_tensor(v).detach().float() for v in sums.values()]) / pairs
+    return dict(zip(sums.keys(), values.tolist(), strict=True))
+
+
 def optimizer_step(
     policy: torch.nn.Module,
-    reference: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    micro_batches: Sequence[dict[str, torch.Tensor]],
+    micro_batches: Sequence[tuple[dict[str, torch.Tensor], SequenceStats]],
     options: StepOptions,
     *,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
@@ -130,7 +170,7 @@ def optimizer_step(
 ) -> dict[str, float]:
     """One optimizer step with gradient accumulation; returns metrics averaged over the step's pairs."""
     policy.train()
-    sums = accumulate_gradients(policy, reference, micro_batches, options)
+    sums = accumulate_gradients(policy, micro_batches, options)
     grad_norm = None
     if max_grad_norm is not None:
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_grad_norm)
@@ -138,10 +178,7 @@ def optimizer_step(
     if scheduler is not None:
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    # One host sync per step, here, rather than one per metric per micro-batch.
-    pairs = sums.pop("pairs")
-    values = torch.stack([v.detach().float() for v in sums.values()]) / pairs
-    metrics = dict(zip(sums.keys(), values.tolist(), strict=True))
+    metrics = mean_metrics(sums)  # one host sync per step, not one per metric per micro-batch
     if grad_norm is not None:
         metrics["grad_norm"] = float(grad_norm)
     return metrics

@@ -1,0 +1,1 @@
+"""The frozen reference model: scorer, statistics, cache and Ray actor group."""

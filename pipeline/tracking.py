@@ -68,10 +68,11 @@ def redact(params: dict[str, Any]) -> dict[str, Any]:
 class Tracker:
     """One MLflow run. Construct with :func:`open_tracker`; use as a context manager."""
 
-    def __init__(self, client: Any, run_id: str | None, uri: str):
+    def __init__(self, client: Any, run_id: str | None, uri: str, owner: bool = True):
         self.client = client
         self.run_id = run_id
         self.uri = uri
+        self.owner = owner  # the process that opened the run ends it; attached workers only log
 
     @property
     def active(self) -> bool:
@@ -105,7 +106,7 @@ class Tracker:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
 
     def end(self, status: str = "FINISHED") -> None:
-        if self.active:
+        if self.active and self.owner:
             self.client.set_terminated(self.run_id, status)
             self.run_id = None
 
@@ -139,6 +140,15 @@ def open_tracker(cfg: RunConfig, run_name: str, *, rank: int = 0, tags: dict[str
     except Exception as e:  # connection refused, bad URI, read-only store: all fatal here, before training
         raise TrackingError(f"MLflow tracking store at {_safe(uri)} cannot be used: {type(e).__name__}: {e}") from None
     return Tracker(client, run.info.run_id, uri)
+
+
+def attach_tracker(uri: str, run_id: str | None, rank: int) -> Tracker:
+    """A worker's handle on a run the driver opened: rank 0 logs into it, every other rank is a no-op."""
+    if rank != 0 or run_id is None:
+        return Tracker(None, None, uri)
+    from mlflow.tracking import MlflowClient
+
+    return Tracker(MlflowClient(tracking_uri=uri), run_id, uri, owner=False)
 
 
 def check_server(uri: str, timeout: float = 5.0) -> None:

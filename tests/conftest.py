@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import secrets
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +17,20 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Every Ray in the session runs with token authentication, as a user's would. Set before Ray is
+# imported anywhere: Ray reads the mode once per process.
+# Guarded: test modules import this file again as ``tests.conftest``.
+if "RAYPREFOPT_TEST_RAY_BASE" not in os.environ:
+    _base = Path(tempfile.mkdtemp(prefix="rp-ray-", dir="/tmp"))  # short: Ray's socket paths have a length limit
+    (_base / "auth_token").write_text(secrets.token_hex(32))
+    (_base / "auth_token").chmod(0o600)
+    os.environ.update(RAYPREFOPT_TEST_RAY_BASE=str(_base), RAY_AUTH_MODE="token",
+                      RAY_AUTH_TOKEN_PATH=str(_base / "auth_token"))
+    os.environ.pop("RAY_ADDRESS", None)
+    atexit.register(shutil.rmtree, _base, True)
+RAY_BASE = Path(os.environ["RAYPREFOPT_TEST_RAY_BASE"])
+RAY_TOKEN = RAY_BASE / "auth_token"
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs" / "tiny.yaml"
@@ -58,3 +76,54 @@ CONVERSATIONAL_ROWS = [
     }
     for r in STANDARD_ROWS
 ]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalCluster:
+    """A real Ray cluster started with ``ray start --head``: token authentication on, loopback only."""
+
+    def __init__(self, base: Path, token_path: Path, num_cpus: int = 8):
+        self.base = base
+        self.token_path = token_path
+        self.port, self.dashboard_port = _free_port(), _free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.dashboard_url = f"http://127.0.0.1:{self.dashboard_port}"
+        self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.token_path)}
+        self.env.pop("RAY_ADDRESS", None)
+        self.num_cpus = num_cpus
+
+    def start(self) -> LocalCluster:
+        ray_cli = str(Path(sys.executable).with_name("ray"))
+        subprocess.run(
+            [ray_cli, "start", "--head", f"--port={self.port}", "--node-ip-address=127.0.0.1",
+             f"--num-cpus={self.num_cpus}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+             f"--dashboard-port={self.dashboard_port}", f"--temp-dir={self.base / 'tmp'}",
+             "--disable-usage-stats"],
+            env=self.env, check=True, capture_output=True, text=True, timeout=180,
+        )
+        return self
+
+    def stop(self) -> None:
+        ray_cli = str(Path(sys.executable).with_name("ray"))
+        subprocess.run([ray_cli, "stop", "--force"], env=self.env, capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """The test session's one Ray instance: a real head node this process joins as a driver."""
+    import ray
+
+    cluster = LocalCluster(RAY_BASE, RAY_TOKEN).start()
+    try:
+        ray.init(address=cluster.address, log_to_driver=False)
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.stop()

@@ -44,6 +44,8 @@ class ReferenceScorer:
     @torch.no_grad()
     def score(self, batch: dict[str, torch.Tensor]) -> SequenceStats:
         """Statistics of every row of a collated batch, in row order."""
+        device = next(self.model.parameters()).device
+        batch = {k: v.to(device) for k, v in batch.items()}
         index = tokenstats.response_index(batch["labels"])
         logits = response_logits(self.model, batch, index)  # (N, V)
         self.forward_passes += 1

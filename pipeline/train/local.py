@@ -37,11 +37,18 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
     seconds_per_step: float = math.nan  # median over steps after the first
     model_dir: Path | None = None
+    reference_forward_passes: int = 0  # distributed: forward passes the reference actors ran for this run
+    reference_cached_chunks: int = 0  # distributed: chunks read from the reference cache instead
+    reference_restarts: int = 0  # distributed: reference actors replaced after dying
+    checkpoint: str | None = None  # distributed: the last checkpoint
+
+
+def run_name(cfg: RunConfig) -> str:
+    return cfg.output.run_name or f"{cfg.loss.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def run_dir_for(cfg: RunConfig) -> Path:
-    name = cfg.output.run_name or f"{cfg.loss.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return Path(cfg.output.dir).expanduser() / name
+    return Path(cfg.output.dir).expanduser() / run_name(cfg)
 
 
 def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
@@ -60,13 +67,24 @@ def load_models(cfg: RunConfig) -> tuple[torch.nn.Module, torch.nn.Module]:
     m = cfg.model
     policy = load_causal_lm(m.policy, dtype=m.dtype, revision=m.revision, trust_remote_code=m.trust_remote_code)
     if m.reference_spec == m.policy:
-        reference = copy.deepcopy(policy)
-    else:
-        reference = load_causal_lm(
-            m.reference_spec, dtype=m.dtype, revision=m.revision, trust_remote_code=m.trust_remote_code
-        )
-    reference.eval().requires_grad_(False)
-    return policy, reference
+        return policy, copy.deepcopy(policy).eval().requires_grad_(False)
+    return policy, load_reference(cfg)
+
+
+def load_reference(cfg: RunConfig) -> torch.nn.Module:
+    m = cfg.model
+    reference = load_causal_lm(m.reference_spec, dtype=m.dtype, revision=m.revision,
+                               trust_remote_code=m.trust_remote_code)
+    return reference.eval().requires_grad_(False)
+
+
+def prepare_data(cfg: RunConfig, run_dir: Path) -> tuple[Any, PreferenceDataset]:
+    """Tokenizer and every row of the dataset, validated (a bad row stops here), with the data report."""
+    tokenizer = load_tokenizer(cfg.model.tokenizer_spec, revision=cfg.model.revision,
+                               trust_remote_code=cfg.model.trust_remote_code)
+    dataset = load_preference_dataset(cfg.data, tokenizer)
+    write_data_report(dataset, run_dir)
+    return tokenizer, dataset
 
 
 def write_data_report(dataset: PreferenceDataset, run_dir: Path) -> None:
@@ -90,10 +108,7 @@ def train_local(cfg: RunConfig, *, progress: bool = True, run_dir: Path | None =
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir)
 
-    tokenizer = load_tokenizer(cfg.model.tokenizer_spec, revision=cfg.model.revision,
-                               trust_remote_code=cfg.model.trust_remote_code)
-    dataset = load_preference_dataset(cfg.data, tokenizer)
-    write_data_report(dataset, run_dir)
+    tokenizer, dataset = prepare_data(cfg, run_dir)
     assert dataset.pairs is not None
     batches = PairBatches(len(dataset.pairs), cfg.train.batch_size, cfg.train.seed)
 

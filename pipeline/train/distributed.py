@@ -1,0 +1,214 @@
+"""Distributed DPO / TDPO: Ray Train workers (DeepSpeed ZeRO) fed by a reference actor group.
+
+    driver:  config, tokenizer, every row of the data        (cheap checks first, nothing loaded yet)
+             MLflow run opened (an unreachable server fails here)
+             Ray connected or started; reference chunks not in the cache queued on the actor group
+             TorchTrainer.fit(): N workers run pipeline.train.worker.train_loop
+             reference forward passes counted, exported model logged, actors released
+
+Outputs (``<storage>/<run name>/``, storage = distributed.storage_path or output.dir):
+    config.yaml, data_report.json, metrics.jsonl   as the single-process trainer
+    checkpoint_*/                                  DeepSpeed state + data position (Ray Train)
+    model/                                         the policy, safetensors, loadable by from_pretrained
+and ``<storage>/reference-cache/<fingerprint>/`` (see pipeline.reference.cache).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.config import RunConfig, save_config
+from pipeline.errors import PipelineError
+from pipeline.reference.cache import ChunkPlan, ReferenceCache, cache_key
+from pipeline.reference.scorer import stats_kind
+from pipeline.tracking import flatten, open_tracker
+from pipeline.train.batches import PairBatches
+from pipeline.train.local import TrainResult, prepare_data, run_name
+
+log = logging.getLogger(__name__)
+
+
+class TrainingFailed(PipelineError):
+    """The worker group failed more often than ``distributed.max_failures`` allows."""
+
+
+def storage_root(cfg: RunConfig) -> Path:
+    return Path(cfg.distributed.storage_path or cfg.output.dir).expanduser().resolve()
+
+
+def connect_ray(address: str | None) -> None:
+    """Join the configured cluster ($RAY_ADDRESS too), or start a local Ray (token auth on, loopback only)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    try:
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            ray.init(dashboard_host="127.0.0.1", include_dashboard=False)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise PipelineError(f"cannot connect to Ray at {address or 'a new local instance'}: {e}") from None
+
+
+@dataclass
+class FeedFactory:
+    """Built on the driver, called in each worker: where that worker's reference statistics come from."""
+
+    kind: str
+    cfg: dict[str, Any]
+    plan: ChunkPlan | None = None
+    refs: dict[int, Any] | None = None
+    cache_root: str | None = None
+    fingerprint: str | None = None
+
+    def __call__(self):
+        from pipeline.reference.group import ChunkFeed, LiveFeed
+
+        if self.plan is None:  # colocated: a reference model in this worker
+            from pipeline.reference.scorer import ReferenceScorer
+            from pipeline.train.local import load_reference
+
+            cfg = RunConfig.model_validate(self.cfg)
+            model = load_reference(cfg)
+            if torch.cuda.is_available() and cfg.distributed.use_gpu:
+                model = model.cuda()
+            return LiveFeed(ReferenceScorer(model, self.kind, topk=cfg.reference.topk, dtype=cfg.reference.dtype))
+        cache = None
+        if self.cache_root is not None:
+            cache = ReferenceCache(self.cache_root, self.fingerprint or "", self.kind, self.plan)
+        return ChunkFeed(self.kind, self.plan, self.refs or {}, cache)
+
+
+def consumption_order(cfg: RunConfig, num_pairs: int) -> list[int]:
+    """Pair indices in the order the run will train on them (every worker, every micro-step)."""
+    batches = PairBatches(num_pairs, cfg.train.batch_size * cfg.workers, cfg.train.seed)
+    stream = batches.iterate()
+    order: list[int] = []
+    for _ in range(cfg.train.max_steps * cfg.train.gradient_accumulation_steps):
+        order.extend(next(stream)[1])
+    return order
+
+
+def train_distributed(cfg: RunConfig, *, progress: bool = True, run_dir: Path | None = None,
+                      faults: dict[str, Any] | None = None) -> TrainResult:
+    """Validate everything cheap, then train on Ray. ``faults`` injects failures (fault tests only)."""
+    storage = storage_root(cfg)
+    name = run_dir.name if run_dir is not None else run_name(cfg)
+    run_dir = run_dir or Path(cfg.output.dir).expanduser().resolve() / name
+    run_folder = storage / name
+    for folder in (run_dir, run_folder):
+        folder.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir)
+    tokenizer, dataset = prepare_data(cfg, run_dir)
+    assert dataset.pairs is not None
+    PairBatches(len(dataset.pairs), cfg.train.batch_size * cfg.workers, cfg.train.seed)  # enough pairs?
+
+    with open_tracker(cfg, name, tags={"loss": cfg.loss.name, "trainer": "ray",
+                                       "reference.mode": cfg.reference.mode}) as tracker:
+        tracker.log_params(flatten(cfg.model_dump(mode="json")))
+        tracker.log_artifact(run_dir / "config.yaml")
+        tracker.log_artifact(run_dir / "data_report.json")
+        connect_ray(cfg.distributed.address)
+        result = _fit(cfg, dataset.pairs, tokenizer, storage, run_folder, tracker, progress, faults)
+        tracker.log_metrics({"reference/forward_passes": result.reference_forward_passes,
+                             "reference/cached_chunks": result.reference_cached_chunks}, step=cfg.train.max_steps)
+        if result.model_dir is not None:
+            tokenizer.save_pretrained(result.model_dir)
+            if cfg.tracking.log_model:
+                tracker.log_artifact(result.model_dir, "model")
+    result.run_dir = run_dir
+    return result
+
+
+def _fit(cfg: RunConfig, pairs: list, tokenizer: Any, storage: Path, run_folder: Path, tracker: Any,
+         progress: bool, faults: dict[str, Any] | None) -> TrainResult:
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
+    from ray.train import RunConfig as RayRunConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    kind = stats_kind(cfg)
+    group = None
+    cached_chunks = 0
+    cfg_tree = cfg.model_dump(mode="json")
+    if cfg.reference.mode == "colocated":
+        factory = FeedFactory(kind, cfg_tree)
+    else:
+        from pipeline.reference.group import ReferenceGroup
+
+        plan = ChunkPlan(len(pairs), cfg.reference.chunk_size)
+        cache = None
+        todo = plan.first_need(consumption_order(cfg, len(pairs)))
+        if cfg.reference.cache:
+            fingerprint, meta = cache_key(cfg, pairs, kind)
+            cache = ReferenceCache(storage, fingerprint, kind, plan).create(meta)
+            missing = set(cache.missing())
+            cached_chunks = plan.num_chunks - len(missing)
+            todo = [c for c in todo if c in missing]
+        refs = {}
+        if todo:  # everything cached: no actor, no model load
+            group = ReferenceGroup(cfg, kind, pairs, tokenizer.pad_token_id, cache, plan, faults)
+            refs = group.submit(todo)
+        factory = FeedFactory(kind, cfg_tree, plan, refs, None if cache is None else str(storage),
+                              None if cache is None else cache.fingerprint)
+    d = cfg.distributed
+    trainer = TorchTrainer(
+        train_loop_per_worker=_train_loop,
+        train_loop_config={"cfg": cfg_tree, "pairs": ray.put(pairs), "pad_token_id": tokenizer.pad_token_id,
+                           "make_feed": factory, "run_folder": str(run_folder), "run_id": tracker.run_id,
+                           "tracking_uri": tracker.uri, "faults": faults, "progress": progress},
+        scaling_config=ScalingConfig(num_workers=d.num_workers, use_gpu=d.use_gpu,
+                                     resources_per_worker={"CPU": d.cpus_per_worker}),
+        torch_config=TorchConfig(backend="nccl" if d.use_gpu else "gloo"),
+        run_config=RayRunConfig(
+            name=run_folder.name, storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=d.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=d.keep_checkpoints),
+        ),
+    )
+    try:
+        fit = trainer.fit()
+        forward_passes = group.forward_passes() if group is not None else 0
+        restarts = group.restarts() if group is not None else 0
+    except Exception as e:
+        raise TrainingFailed(f"training failed: {type(e).__name__}: {e}") from e
+    finally:
+        if group is not None:
+            group.shutdown()
+    result = TrainResult(run_dir=run_folder, history=_read_history(run_folder / "metrics.jsonl"))
+    result.reference_forward_passes = forward_passes
+    result.reference_cached_chunks = cached_chunks
+    result.reference_restarts = restarts
+    result.checkpoint = None if fit.checkpoint is None else fit.checkpoint.path
+    steady = [h["seconds"] for h in result.history[1:]] or [h["seconds"] for h in result.history]
+    result.seconds_per_step = float(torch.tensor(steady).median()) if steady else float("nan")
+    if cfg.train.save_model:
+        result.model_dir = run_folder / "model"
+    return result
+
+
+def _train_loop(config: dict[str, Any]) -> None:
+    from pipeline.train.worker import train_loop
+
+    train_loop(config)
+
+
+def _read_history(path: Path) -> list[dict[str, float]]:
+    """metrics.jsonl, with steps logged again after a restart keeping their last value."""
+    if not path.is_file():
+        return []
+    by_step: dict[int, dict[str, float]] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            record = json.loads(line)
+            by_step[int(record["step"])] = record
+    return [by_step[s] for s in sorted(by_step)]

@@ -1,0 +1,243 @@
+"""The Ray Train worker loop: the policy under DeepSpeed ZeRO, reference statistics from the feed.
+
+Every worker runs :func:`train_loop`. Data parallelism: each micro-step takes one
+global batch of ``batch_size * world_size`` pairs from :class:`PairBatches` and
+worker r trains on slice r of it, so the pairs of an optimizer step are the
+same whatever the number of workers, and a single-process run with
+``batch_size * world_size`` pairs per micro-batch sees exactly the same data.
+
+Checkpoints (every ``distributed.checkpoint_every`` steps and at the end) hold
+the DeepSpeed state (ZeRO shards, optimizer, LR schedule) and, in its client
+state, the step and the :class:`BatchPosition` of the next micro-batch; a
+restarted worker group resumes there, so no pair is skipped or seen twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline import tokenstats
+from pipeline.config import RunConfig
+from pipeline.data.tokenization import collate_pairs
+from pipeline.losses import compute_loss
+from pipeline.train.batches import BatchPosition, PairBatches
+from pipeline.train.step import StepOptions, add_metrics, policy_stats, response_logits
+
+CHECKPOINT_TAG = "state"
+
+
+class ResponseLogits(torch.nn.Module):
+    """The policy as DeepSpeed sees it: (input ids, attention mask, response mask) -> logits (N, V).
+
+    Wrapping keeps the LM head on response positions only (see step.response_logits)
+    while the forward still goes through the DeepSpeed engine (ZeRO-3 gathers, hooks).
+    """
+
+    def __init__(self, lm: torch.nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        index = tokenstats.ResponseIndex(mask=mask, targets=mask.new_zeros(0, dtype=torch.long),
+                                         segments=mask.new_zeros(0, dtype=torch.long), lengths=mask.sum(1))
+        return response_logits(self.lm, {"input_ids": input_ids, "attention_mask": attention_mask}, index)
+
+
+def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
+    t, d = cfg.train, cfg.distributed
+    zero: dict[str, Any] = {"stage": d.zero_stage}
+    if d.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": d.use_gpu}
+    if d.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": d.use_gpu}
+    return {
+        "train_micro_batch_size_per_gpu": t.batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "train_batch_size": t.batch_size * t.gradient_accumulation_steps * world_size,
+        "gradient_clipping": t.max_grad_norm or 0.0,
+        "zero_optimization": zero,
+        # torch's AdamW, the same optimizer as the single-process trainer; on CPU DeepSpeed's own
+        # CPU Adam would need a compiled op.
+        "optimizer": {"type": "AdamW", "params": {"lr": t.learning_rate, "weight_decay": t.weight_decay,
+                                                  "betas": [0.9, 0.999], "eps": 1e-8, "torch_adam": True}},
+        "zero_force_ds_cpu_optimizer": False,
+        "bf16": {"enabled": cfg.model.dtype == "bfloat16"},
+        "fp16": {"enabled": cfg.model.dtype == "float16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_engine(cfg: RunConfig, world_size: int):
+    import deepspeed
+
+    from pipeline.models.loading import load_causal_lm
+    from pipeline.train.local import warmup_schedule
+
+    m = cfg.model
+    # DeepSpeed casts to bf16/fp16 itself and keeps float32 master weights.
+    lm = load_causal_lm(m.policy, dtype="float32" if m.dtype in ("bfloat16", "float16") else m.dtype,
+                        revision=m.revision, trust_remote_code=m.trust_remote_code)
+    model = ResponseLogits(lm)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=deepspeed_config(cfg, world_size),
+        lr_scheduler=lambda optimizer: warmup_schedule(optimizer, cfg.train.warmup_steps, cfg.train.max_steps),
+    )
+    return engine
+
+
+def next_position(batches: PairBatches, position: BatchPosition) -> BatchPosition:
+    if position.batch + 1 < batches.batches_per_epoch:
+        return BatchPosition(position.epoch, position.batch + 1)
+    return BatchPosition(position.epoch + 1, 0)
+
+
+def save_checkpoint(engine: Any, step: int, position: BatchPosition) -> str:
+    """DeepSpeed state of this rank in a fresh local folder (Ray merges every rank's files on upload)."""
+    folder = tempfile.mkdtemp(prefix="rayprefopt-ckpt-")
+    engine.save_checkpoint(folder, tag=CHECKPOINT_TAG,
+                           client_state={"step": step, "position": [position.epoch, position.batch]})
+    return folder
+
+
+def restore(engine: Any) -> tuple[int, BatchPosition]:
+    """(steps done, next batch position) from the latest reported checkpoint, or a fresh start."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0, BatchPosition()
+    with checkpoint.as_directory() as folder:
+        path, client = engine.load_checkpoint(folder, tag=CHECKPOINT_TAG)
+    if path is None:
+        raise RuntimeError(f"checkpoint {checkpoint.path} holds no DeepSpeed state under tag {CHECKPOINT_TAG!r}")
+    return int(client["step"]), BatchPosition(*client["position"])
+
+
+def export_model(engine: Any, cfg: RunConfig, folder: Path, rank: int) -> None:
+    """The policy as a Hugging Face folder (safetensors); ZeRO-3 shards are gathered first."""
+    import deepspeed
+
+    lm = engine.module.lm
+    gathered = deepspeed.zero.GatheredParameters(list(lm.parameters()), modifier_rank=None,
+                                                 enabled=cfg.distributed.zero_stage == 3)
+    with gathered:
+        if rank == 0:
+            state = {k: v.detach().to(torch.float32 if cfg.model.dtype == "float32" else v.dtype).cpu()
+                     for k, v in lm.state_dict().items()}
+            lm.save_pretrained(folder, state_dict=state, safe_serialization=True)
+
+
+def _maybe_die(faults: dict[str, Any], rank: int, step: int, run_folder: Path) -> None:
+    """Fault injection for the fault tests: SIGKILL this worker once, at the start of a given step."""
+    plan = faults.get("kill_worker")
+    if not plan or plan["rank"] != rank or plan["step"] != step:
+        return
+    marker = run_folder / f".fault-kill-worker-{rank}-{step}"
+    if marker.exists():  # already killed once: the restarted run goes on
+        return
+    marker.touch()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """Ray Train entry point. ``config``: cfg (dict), pairs (ObjectRef), pad_token_id, feed (see distributed)."""
+    import ray
+    import ray.train
+    import torch.distributed as dist
+
+    cfg = RunConfig.model_validate(config["cfg"])
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.distributed.use_gpu else "cpu")
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.manual_seed(cfg.train.seed)
+    pairs = ray.get(config["pairs"])
+    run_folder = Path(config["run_folder"])
+    engine = build_engine(cfg, world)
+    feed = config["make_feed"]()
+    options = StepOptions.from_config(cfg.loss)
+    token_level = cfg.loss.token_level
+    start_step, position = restore(engine)
+    batches = PairBatches(len(pairs), cfg.train.batch_size * world, cfg.train.seed)
+    stream = batches.iterate(position)
+
+    from pipeline.tracking import attach_tracker
+
+    tracker = attach_tracker(config["tracking_uri"], config["run_id"], rank)
+    b = cfg.train.batch_size
+    device = engine.device
+    log = (run_folder / "metrics.jsonl").open("a", encoding="utf-8") if rank == 0 else None
+    for step in range(start_step, cfg.train.max_steps):
+        _maybe_die(config.get("faults") or {}, rank, step, run_folder)
+        started = time.perf_counter()
+        sums: dict[str, torch.Tensor] = {}
+        tokens = 0
+        for _ in range(cfg.train.gradient_accumulation_steps):
+            position, indices = next(stream)
+            mine = indices[rank * b : (rank + 1) * b]
+            batch = collate_pairs([pairs[i] for i in mine], config["pad_token_id"])
+            batch = {k: v.to(device) for k, v in batch.items()}
+            reference = feed(mine, batch)
+            index = tokenstats.response_index(batch["labels"])
+            logits = engine(batch["input_ids"], batch["attention_mask"], index.mask)
+            stats = policy_stats(logits, index, reference, token_level, options.log_kl)
+            losses, metrics = compute_loss(options.loss, stats, options.params)
+            engine.backward(losses.mean())  # DeepSpeed divides by the accumulation steps and averages workers
+            engine.step()
+            add_metrics(sums, metrics)
+            tokens += int(batch["attention_mask"].sum())
+        metrics = _reduce(sums, b * cfg.train.gradient_accumulation_steps, tokens, dist)
+        seconds = time.perf_counter() - started
+        grad_norm = engine.get_global_grad_norm()
+        metrics.update({"lr": engine.get_lr()[0], "epoch": position.epoch, "seconds": seconds,
+                        "throughput/pairs_per_s": cfg.pairs_per_step / seconds,
+                        "throughput/tokens_per_s": metrics.pop("tokens") / seconds})
+        if grad_norm is not None:
+            metrics["grad_norm"] = float(grad_norm)
+        done = step + 1
+        if log is not None and (done % cfg.train.log_every == 0 or done == cfg.train.max_steps):
+            log.write(json.dumps({"step": done, **metrics}) + "\n")
+            log.flush()
+            tracker.log_metrics(metrics, step=done)
+        _report(engine, cfg, done, next_position(batches, position), metrics)
+    if log is not None:
+        log.close()
+    if cfg.train.save_model:
+        export_model(engine, cfg, run_folder / "model", rank)
+
+
+def _reduce(sums: dict[str, torch.Tensor], pairs: int, tokens: int, dist: Any) -> dict[str, float]:
+    """Per-pair means over every worker's pairs: one all-reduce of [metric sums..., pairs, tokens]."""
+    keys = sorted(sums)
+    vector = torch.stack([sums[k].detach().double().cpu() for k in keys] +
+                         [torch.tensor(float(pairs), dtype=torch.float64), torch.tensor(float(tokens), dtype=torch.float64)])
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(vector)
+    values = vector.tolist()
+    out = {k: values[i] / values[-2] for i, k in enumerate(keys)}
+    out["tokens"] = values[-1]
+    return out
+
+
+def _report(engine: Any, cfg: RunConfig, step: int, position: BatchPosition, metrics: dict[str, float]) -> None:
+    import ray.train
+
+    every = cfg.distributed.checkpoint_every
+    if step == cfg.train.max_steps or (every is not None and step % every == 0):
+        folder = save_checkpoint(engine, step, position)
+        try:  # a synchronous report copies the folder to the run storage
+            ray.train.report({"step": step, **metrics}, checkpoint=ray.train.Checkpoint.from_directory(folder))
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+    elif step % cfg.train.log_every == 0:
+        ray.train.report({"step": step, **metrics})

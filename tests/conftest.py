@@ -95,7 +95,9 @@ class LocalCluster:
         self.port, self.dashboard_port = _free_port(), _free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.dashboard_url = f"http://127.0.0.1:{self.dashboard_port}"
-        self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.token_path)}
+        # PATH as in an activated venv: a submitted job's `python` is this environment's.
+        path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+        self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.token_path), "PATH": path}
         self.env.pop("RAY_ADDRESS", None)
         self.num_cpus = num_cpus
 

@@ -73,10 +73,31 @@ def test_losses_decrease_and_match_single_process(loss, stage, tmp_path, single_
 
     model = AutoModelForCausalLM.from_pretrained(result.model_dir)
     assert model.num_parameters() > 0
+    assert_logged_in_mlflow(tmp_path, f"{loss}-z{stage}", stage, token_level=loss == "tdpo2")
     ours_w, local_w = weights(result.model_dir), weights(single_process[loss].model_dir)
     assert ours_w.keys() == local_w.keys()
     for key in ours_w:
         torch.testing.assert_close(ours_w[key], local_w[key], rtol=1e-3, atol=1e-4, msg=key)
+
+
+def assert_logged_in_mlflow(out: Path, name: str, stage: int, token_level: bool) -> None:
+    """One run in the embedded store with every metric per step, the config as params, and artifacts."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    [run] = client.search_runs([client.get_experiment_by_name("rayprefopt").experiment_id],
+                               f"attributes.run_name = '{name}'")
+    assert run.info.status == "FINISHED"
+    expected = {"loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                "logps/chosen", "logps/rejected", "lr", "grad_norm", "throughput/pairs_per_s",
+                "throughput/tokens_per_s", "reference/forward_passes"}
+    if token_level:
+        expected |= {"kl/chosen", "kl/rejected", "kl/margin"}
+    assert expected <= run.data.metrics.keys()
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == list(range(1, STEPS + 1))
+    assert run.data.params["distributed.zero_stage"] == str(stage)
+    assert run.data.params["distributed.num_workers"] == "2"
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"config.yaml", "data_report.json"}
 
 
 def test_reference_cache_is_hit_by_a_second_run(tmp_path):

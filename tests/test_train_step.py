@@ -136,7 +136,8 @@ def run_job(*args):
 
 
 def test_train_job_end_to_end(tmp_path):
-    out = run_job("--config", "configs/tiny.yaml", f"output.dir={tmp_path}", "train.max_steps=2", "train.save_model=false")
+    out = run_job("--config", "configs/tiny.yaml", f"output.dir={tmp_path}", "train.max_steps=2", "train.save_model=false",
+                  "distributed.enabled=false")  # the Ray path: tests/test_job_submit.py
     assert out.returncode == 0, out.stderr
     summary = json.loads(out.stdout[out.stdout.index("{"):])
     assert summary["steps"] == 2 and summary["seconds_per_step"] > 0

@@ -87,11 +87,11 @@ class ChunkPlan:
         return divmod(pair, self.size)
 
     def first_need(self, pair_order: Sequence[int]) -> list[int]:
-        """Chunks in the order training first needs them, then any others."""
+        """The chunks a run needs, in the order it first needs them (a short run skips the rest)."""
         seen: dict[int, None] = {}
         for pair in pair_order:
             seen.setdefault(pair // self.size)
-        return list(seen) + [c for c in range(self.num_chunks) if c not in seen]
+        return list(seen)
 
 
 class ReferenceCache:

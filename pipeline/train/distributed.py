@@ -44,17 +44,14 @@ def storage_root(cfg: RunConfig) -> Path:
 
 
 def connect_ray(address: str | None) -> None:
-    """Join the configured cluster ($RAY_ADDRESS too), or start a local Ray (token auth on, loopback only)."""
+    """Join the configured cluster, else $RAY_ADDRESS, else a running `ray start` cluster on this machine,
+    else start Ray here. Ray's defaults stand: token authentication on, dashboard on 127.0.0.1."""
     import ray
 
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS")
     try:
-        if address:
-            ray.init(address=address, log_to_driver=True)
-        else:
-            ray.init(dashboard_host="127.0.0.1", include_dashboard=False)
+        ray.init(address=address or os.environ.get("RAY_ADDRESS") or None)
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise PipelineError(f"cannot connect to Ray at {address or 'a new local instance'}: {e}") from None
 
@@ -152,7 +149,7 @@ def _fit(cfg: RunConfig, pairs: list, tokenizer: Any, storage: Path, run_folder:
             fingerprint, meta = cache_key(cfg, pairs, kind)
             cache = ReferenceCache(storage, fingerprint, kind, plan).create(meta)
             missing = set(cache.missing())
-            cached_chunks = plan.num_chunks - len(missing)
+            cached_chunks = sum(c not in missing for c in todo)
             todo = [c for c in todo if c in missing]
         refs = {}
         if todo:  # everything cached: no actor, no model load

@@ -174,5 +174,11 @@ def _train(cfg: RunConfig, run_dir: Path, dataset: PreferenceDataset, batches: P
 def summarize(result: TrainResult) -> dict[str, Any]:
     last = result.history[-1]
     keys = ("loss", "rewards/accuracies", "rewards/margins", "kl/chosen", "kl/rejected")
-    return {"steps": len(result.history), "seconds_per_step": result.seconds_per_step,
-            **{k: last[k] for k in keys if k in last}}
+    summary = {"steps": len(result.history), "seconds_per_step": result.seconds_per_step,
+               **{k: last[k] for k in keys if k in last}}
+    if result.checkpoint is not None:
+        summary.update(reference_forward_passes=result.reference_forward_passes,
+                       reference_cached_chunks=result.reference_cached_chunks, checkpoint=result.checkpoint)
+    if result.model_dir is not None:
+        summary["model_dir"] = str(result.model_dir)
+    return summary

@@ -177,6 +177,7 @@ def train_loop(config: dict[str, Any]) -> None:
     b = cfg.train.batch_size
     device = engine.device
     log = (run_folder / "metrics.jsonl").open("a", encoding="utf-8") if rank == 0 else None
+    bar = _progress_bar(cfg, start_step) if rank == 0 and config.get("progress") else None
     for step in range(start_step, cfg.train.max_steps):
         _maybe_die(config.get("faults") or {}, rank, step, run_folder)
         started = time.perf_counter()
@@ -210,10 +211,24 @@ def train_loop(config: dict[str, Any]) -> None:
             log.flush()
             tracker.log_metrics(metrics, step=done)
         _report(engine, cfg, done, next_position(batches, position), metrics)
+        if bar is not None:
+            bar.update(1)
+            bar.set_description(f"{cfg.loss.name} step {done} loss {metrics['loss']:.4f}")
     if log is not None:
         log.close()
+    if bar is not None:
+        bar.close()
     if cfg.train.save_model:
         export_model(engine, cfg, run_folder / "model", rank)
+
+
+def _progress_bar(cfg: RunConfig, start_step: int):
+    """A progress bar the driver draws (Ray forwards it), starting where a resumed run starts."""
+    from ray.experimental.tqdm_ray import tqdm
+
+    bar = tqdm(total=cfg.train.max_steps, desc=f"{cfg.loss.name} training", unit="step")
+    bar.update(start_step)
+    return bar
 
 
 def _reduce(sums: dict[str, torch.Tensor], pairs: int, tokens: int, dist: Any) -> dict[str, float]:

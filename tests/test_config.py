@@ -38,6 +38,13 @@ def test_overrides_are_typed():
         ("loss.betta=0.1", "loss.betta: unknown key"),
         ("trainer.steps=3", "trainer: unknown key"),
         ("output.run_name=../escape", "output.run_name: String should match pattern"),
+        ("distributed.num_workers=0", "distributed.num_workers: Input should be greater than or equal to 1"),
+        ("distributed.zero_stage=4", "distributed.zero_stage: Input should be 0, 1, 2 or 3"),
+        ("distributed.offload_params=true", "distributed: Value error, offload_params needs zero_stage 3 (got 2)"),
+        ("distributed.checkpoint_every=0", "distributed.checkpoint_every: Input should be greater than or equal to 1"),
+        ("reference.mode=remote", "reference.mode: Input should be 'exact', 'topk' or 'colocated'"),
+        ("reference.topk=0", "reference.topk: Input should be greater than or equal to 1"),
+        ("reference.dtype=int8", "reference.dtype: Input should be 'float32', 'bfloat16' or 'float16'"),
     ],
 )
 def test_bad_values_name_their_key_path(override, fragment):

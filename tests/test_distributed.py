@@ -139,3 +139,26 @@ def test_reference_actor_killed_mid_run_is_replaced(tmp_path):
     a, b = weights(clean.model_dir), weights(killed.model_dir)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def test_colocated_reference_matches_single_process(tmp_path, single_process):
+    """The reference inside each worker: no actors, no cache, the same losses."""
+    result = train_distributed(distributed_cfg(tmp_path, "colocated", "loss.name=tdpo2", "reference.mode=colocated"),
+                               progress=False)
+    assert result.reference_forward_passes == 0 and not (tmp_path / "reference-cache").exists()
+    gap = max(abs(a - b) for a, b in zip(losses(result), losses(single_process["tdpo2"]), strict=True))
+    assert gap < 1e-4
+
+
+def test_unreachable_tracking_server_fails_before_ray_work(tmp_path):
+    import socket
+
+    from pipeline.tracking import TrackingError
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = distributed_cfg(tmp_path, "no-server", f"tracking.uri=http://127.0.0.1:{port}")
+    with pytest.raises(TrackingError, match=f"127.0.0.1:{port}.*unreachable"):
+        train_distributed(cfg, progress=False)
+    assert not (tmp_path / "reference-cache").exists()  # no reference work was queued

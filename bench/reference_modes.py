@@ -82,10 +82,13 @@ def accuracy(cfg, pairs_n: int, train_steps: int, lr: float) -> list[str]:
 
 
 def speed(cfg_path: str, overrides: list[str], steps: int, out_dir: Path) -> list[str]:
+    import shutil
+
     import ray
 
     from pipeline.train.distributed import train_distributed
 
+    shutil.rmtree(out_dir / "reference-cache", ignore_errors=True)  # "cold" must mean cold
     ray.init(num_cpus=os.cpu_count())
     runs = [("dpo", "exact", "cold"), ("dpo", "exact", "warm"), ("dpo", "colocated", "-"),
             ("tdpo2", "exact", "cold"), ("tdpo2", "exact", "warm"),

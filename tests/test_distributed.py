@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.config import load_config
+from pipeline.errors import PipelineError
 from pipeline.train.distributed import train_distributed
 from pipeline.train.local import train_local
 from tests.conftest import TINY_CONFIG
@@ -162,3 +163,9 @@ def test_unreachable_tracking_server_fails_before_ray_work(tmp_path):
     with pytest.raises(TrackingError, match=f"127.0.0.1:{port}.*unreachable"):
         train_distributed(cfg, progress=False)
     assert not (tmp_path / "reference-cache").exists()  # no reference work was queued
+
+
+def test_a_run_too_big_for_the_cluster_is_refused_at_once(tmp_path, ray_cluster):
+    cfg = distributed_cfg(tmp_path, "too-big", f"distributed.cpus_per_worker={ray_cluster.num_cpus}")
+    with pytest.raises(PipelineError, match="too small.*distributed.cpus_per_worker=8"):
+        train_distributed(cfg, progress=False)

@@ -56,6 +56,26 @@ def connect_ray(address: str | None) -> None:
         raise PipelineError(f"cannot connect to Ray at {address or 'a new local instance'}: {e}") from None
 
 
+def check_resources(cfg: RunConfig, actors: int) -> None:
+    """Fail now, naming the settings, when the cluster can never hold the workers and actors
+    (Ray would otherwise wait for resources forever)."""
+    import ray
+
+    d, r = cfg.distributed, cfg.reference
+    need = {"CPU": d.num_workers * d.cpus_per_worker + actors * r.cpus_per_actor,
+            "GPU": d.num_workers * int(d.use_gpu) + actors * r.gpus_per_actor}
+    have = ray.cluster_resources()
+    short = {k: v for k, v in need.items() if v > have.get(k, 0) + 1e-9}
+    if short:
+        raise PipelineError(
+            "the Ray cluster is too small for this run: needs "
+            + ", ".join(f"{v:g} {k} (has {have.get(k, 0):g})" for k, v in short.items())
+            + f" for {d.num_workers} worker(s) x distributed.cpus_per_worker={d.cpus_per_worker:g}"
+            + f" (use_gpu={d.use_gpu}) and {actors} reference actor(s) x reference.cpus_per_actor="
+            + f"{r.cpus_per_actor:g}, gpus_per_actor={r.gpus_per_actor:g}"
+        )
+
+
 @dataclass
 class FeedFactory:
     """Built on the driver, called in each worker: where that worker's reference statistics come from."""
@@ -138,6 +158,7 @@ def _fit(cfg: RunConfig, pairs: list, tokenizer: Any, storage: Path, run_folder:
     cached_chunks = 0
     cfg_tree = cfg.model_dump(mode="json")
     if cfg.reference.mode == "colocated":
+        check_resources(cfg, 0)
         factory = FeedFactory(kind, cfg_tree)
     else:
         from pipeline.reference.group import ReferenceGroup
@@ -152,6 +173,7 @@ def _fit(cfg: RunConfig, pairs: list, tokenizer: Any, storage: Path, run_folder:
             cached_chunks = sum(c not in missing for c in todo)
             todo = [c for c in todo if c in missing]
         refs = {}
+        check_resources(cfg, cfg.reference.num_actors if todo else 0)
         if todo:  # everything cached: no actor, no model load
             group = ReferenceGroup(cfg, kind, pairs, tokenizer.pad_token_id, cache, plan, faults)
             refs = group.submit(todo)

@@ -212,8 +212,8 @@ def train_loop(config: dict[str, Any]) -> None:
             tracker.log_metrics(metrics, step=done)
         _report(engine, cfg, done, next_position(batches, position), metrics)
         if bar is not None:
+            bar.set_description(f"{cfg.loss.name} loss {metrics['loss']:.4f}")
             bar.update(1)
-            bar.set_description(f"{cfg.loss.name} step {done} loss {metrics['loss']:.4f}")
     if log is not None:
         log.close()
     if bar is not None:

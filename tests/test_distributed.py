@@ -119,7 +119,7 @@ def test_worker_killed_mid_run_resumes_exactly(tmp_path):
     common = ("loss.name=tdpo2", "distributed.checkpoint_every=2", "distributed.max_failures=1")
     clean = train_distributed(distributed_cfg(tmp_path, "clean", *common), progress=False)
     killed = train_distributed(distributed_cfg(tmp_path, "killed", *common), progress=False,
-                               faults={"kill_worker": {"rank": 1, "step": 3}})
+                               faults={"kill_worker": {"rank": 1, "step": 3, "delay_s": 6}})
     assert (tmp_path / "killed" / ".fault-kill-worker-1-3").exists()  # the worker did die
     lines = (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == STEPS + 1  # steps 1-3, then 3-6 again from the checkpoint after step 2

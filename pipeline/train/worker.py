@@ -139,7 +139,9 @@ def export_model(engine: Any, cfg: RunConfig, folder: Path, rank: int) -> None:
 
 
 def _maybe_die(faults: dict[str, Any], rank: int, step: int, run_folder: Path) -> None:
-    """Fault injection for the fault tests: SIGKILL this worker once, at the start of a given step."""
+    """Fault injection for the fault tests: SIGKILL this worker once, at the start of a given step,
+    after ``delay_s`` seconds (Ray Train registers a reported checkpoint when its controller next
+    polls the workers, every 2 s by default: a crash sooner resumes from the checkpoint before)."""
     plan = faults.get("kill_worker")
     if not plan or plan["rank"] != rank or plan["step"] != step:
         return
@@ -147,6 +149,7 @@ def _maybe_die(faults: dict[str, Any], rank: int, step: int, run_folder: Path) -
     if marker.exists():  # already killed once: the restarted run goes on
         return
     marker.touch()
+    time.sleep(plan.get("delay_s", 0))
     os.kill(os.getpid(), signal.SIGKILL)
 
 

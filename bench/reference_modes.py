@@ -29,7 +29,7 @@ from pipeline.data.dataset import load_preference_dataset
 from pipeline.data.tokenization import collate_pairs
 from pipeline.losses import LossParams, compute_loss
 from pipeline.models.loading import load_tokenizer
-from pipeline.reference.scorer import ReferenceScorer
+from pipeline.reference.scorer import ReferenceScorer, batch_order
 from pipeline.train.local import load_models
 from pipeline.train.step import StepOptions, optimizer_step, policy_stats, response_logits
 
@@ -51,7 +51,7 @@ def accuracy(cfg, pairs_n: int, train_steps: int, lr: float) -> list[str]:
     batch = collate_pairs(pairs, tokenizer.pad_token_id)
     index = tokenstats.response_index(batch["labels"])
     with torch.no_grad():
-        logits = response_logits(policy, batch, index)
+        logits = response_logits(policy, batch, index.mask)
     modes = [("sequence (DPO family)", "sequence", {}), ("exact float32", "exact", {}),
              ("exact bfloat16", "exact", {"dtype": "bfloat16"})]
     modes += [(f"topk k={k}", "topk", {"topk": k}) for k in KS]
@@ -64,7 +64,7 @@ def accuracy(cfg, pairs_n: int, train_steps: int, lr: float) -> list[str]:
         if kind == "sequence":
             rows.append(f"| {label} | {per_pair:,.0f} | n/a | n/a | n/a |")
             continue
-        ordered = stats.select([2 * i for i in range(len(pairs))] + [2 * i + 1 for i in range(len(pairs))])
+        ordered = stats.select(batch_order(len(pairs)))
         with torch.no_grad():
             s = policy_stats(logits, index, ordered, token_level=True)
             seq_kl = torch.cat([s.chosen_seq_kl, s.rejected_seq_kl])

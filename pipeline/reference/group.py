@@ -34,9 +34,8 @@ from pipeline.reference.stats import SequenceStats
 class ReferenceActor:
     """Holds one copy of the frozen reference model. Plain class; :class:`ReferenceGroup` makes it an actor."""
 
-    def __init__(self, cfg: dict[str, Any], kind: str, pad_token_id: int, cache_dir: str | None,
-                 fingerprint: str | None, plan: ChunkPlan, index: int, faults: dict[str, Any] | None = None):
-        from pipeline.config import RunConfig
+    def __init__(self, cfg: dict[str, Any], kind: str, pad_token_id: int, cache: ReferenceCache | None,
+                 index: int, faults: dict[str, Any] | None = None):
         from pipeline.models.loading import load_causal_lm
 
         run = RunConfig.model_validate(cfg)
@@ -47,7 +46,7 @@ class ReferenceActor:
         self.scorer = ReferenceScorer(model, kind, topk=run.reference.topk, dtype=run.reference.dtype)
         self.batch_size = run.reference.batch_size
         self.pad_token_id = pad_token_id
-        self.cache = None if cache_dir is None else ReferenceCache(cache_dir, fingerprint or "", kind, plan)
+        self.cache = cache
         self.index = index
         self.faults = faults or {}
         self.tasks = 0
@@ -95,12 +94,8 @@ class ReferenceGroup:
             num_cpus=r.cpus_per_actor, num_gpus=r.gpus_per_actor, max_restarts=restarts,
             max_task_retries=-1 if restarts != 0 else 0,
         )
-        cache_dir = None if cache is None else str(cache.dir.parent.parent)
-        fingerprint = None if cache is None else cache.fingerprint
-        self.actors = [
-            actor_cls.remote(cfg.model_dump(mode="json"), kind, pad_token_id, cache_dir, fingerprint, plan, i, faults)
-            for i in range(r.num_actors)
-        ]
+        self.actors = [actor_cls.remote(cfg.model_dump(mode="json"), kind, pad_token_id, cache, i, faults)
+                       for i in range(r.num_actors)]
         self.pairs = pairs
         self.plan = plan
         self._counts: list[Any] = []

@@ -47,7 +47,7 @@ class ReferenceScorer:
         device = next(self.model.parameters()).device
         batch = {k: v.to(device) for k, v in batch.items()}
         index = tokenstats.response_index(batch["labels"])
-        logits = response_logits(self.model, batch, index)  # (N, V)
+        logits = response_logits(self.model, batch, index.mask)  # (N, V)
         self.forward_passes += 1
         token_logps = tokenstats.token_logps(logits, index.targets)  # (N,) float32
         positions: dict[str, torch.Tensor] = {}

@@ -30,7 +30,7 @@ from pipeline.reference.cache import ChunkPlan, ReferenceCache, cache_key
 from pipeline.reference.scorer import stats_kind
 from pipeline.tracking import flatten, open_tracker
 from pipeline.train.batches import PairBatches
-from pipeline.train.local import TrainResult, prepare_data, run_name
+from pipeline.train.local import TrainResult, prepare_data, run_name, steady_median
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +84,7 @@ class FeedFactory:
     cfg: dict[str, Any]
     plan: ChunkPlan | None = None
     refs: dict[int, Any] | None = None
-    cache_root: str | None = None
-    fingerprint: str | None = None
+    cache: ReferenceCache | None = None
 
     def __call__(self):
         from pipeline.reference.group import ChunkFeed, LiveFeed
@@ -99,10 +98,7 @@ class FeedFactory:
             if torch.cuda.is_available() and cfg.distributed.use_gpu:
                 model = model.cuda()
             return LiveFeed(ReferenceScorer(model, self.kind, topk=cfg.reference.topk, dtype=cfg.reference.dtype))
-        cache = None
-        if self.cache_root is not None:
-            cache = ReferenceCache(self.cache_root, self.fingerprint or "", self.kind, self.plan)
-        return ChunkFeed(self.kind, self.plan, self.refs or {}, cache)
+        return ChunkFeed(self.kind, self.plan, self.refs or {}, self.cache)
 
 
 def consumption_order(cfg: RunConfig, num_pairs: int) -> list[int]:
@@ -177,8 +173,7 @@ def _fit(cfg: RunConfig, pairs: list, tokenizer: Any, storage: Path, run_folder:
         if todo:  # everything cached: no actor, no model load
             group = ReferenceGroup(cfg, kind, pairs, tokenizer.pad_token_id, cache, plan, faults)
             refs = group.submit(todo)
-        factory = FeedFactory(kind, cfg_tree, plan, refs, None if cache is None else str(storage),
-                              None if cache is None else cache.fingerprint)
+        factory = FeedFactory(kind, cfg_tree, plan, refs, cache)
     d = cfg.distributed
     trainer = TorchTrainer(
         train_loop_per_worker=_train_loop,
@@ -208,8 +203,7 @@ def _fit(cfg: RunConfig, pairs: list, tokenizer: Any, storage: Path, run_folder:
     result.reference_cached_chunks = cached_chunks
     result.reference_restarts = restarts
     result.checkpoint = None if fit.checkpoint is None else fit.checkpoint.path
-    steady = [h["seconds"] for h in result.history[1:]] or [h["seconds"] for h in result.history]
-    result.seconds_per_step = float(torch.tensor(steady).median()) if steady else float("nan")
+    result.seconds_per_step = steady_median([h["seconds"] for h in result.history])
     if cfg.train.save_model:
         result.model_dir = run_folder / "model"
     return result

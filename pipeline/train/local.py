@@ -43,6 +43,12 @@ class TrainResult:
     checkpoint: str | None = None  # distributed: the last checkpoint
 
 
+def steady_median(seconds: list[float]) -> float:
+    """Median seconds per step, the first (warm-up) step excluded when there are others."""
+    steady = seconds[1:] or seconds
+    return float(torch.tensor(steady).median()) if steady else math.nan
+
+
 def run_name(cfg: RunConfig) -> str:
     return cfg.output.run_name or f"{cfg.loss.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
@@ -161,8 +167,7 @@ def _train(cfg: RunConfig, run_dir: Path, dataset: PreferenceDataset, batches: P
                 log.flush()
                 tracker.log_metrics(metrics, step=step + 1)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}")
-    steady = durations[1:] or durations
-    result.seconds_per_step = float(torch.tensor(steady).median())
+    result.seconds_per_step = steady_median(durations)
 
     if cfg.train.save_model:
         result.model_dir = run_dir / "model"

@@ -10,7 +10,7 @@ pass scores both responses.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -34,19 +34,35 @@ def head_is_plain(model: torch.nn.Module) -> bool:
     return hasattr(model, "get_decoder") and model.get_output_embeddings() is not None
 
 
-def response_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor], index: tokenstats.ResponseIndex) -> torch.Tensor:
-    """Logits (N, V) at the N response positions of ``batch``.
+def response_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    """Logits (N, V) at the N response positions of ``batch``; ``mask`` is ResponseIndex.mask (2B, T-1).
 
     The LM head runs on response positions only: on a small model the vocabulary
     projection of prompt and padding positions is most of the work and is never used.
     """
     if not head_is_plain(model):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        return tokenstats.pack(logits, index)
+        return logits[:, :-1][mask]
     hidden = model.get_decoder()(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
     ).last_hidden_state  # (2B, T, H)
-    return model.get_output_embeddings()(hidden[:, :-1][index.mask])  # (N, V)
+    return model.get_output_embeddings()(hidden[:, :-1][mask])  # (N, V)
+
+
+class ResponseLogits(torch.nn.Module):
+    """A causal LM as the training step calls it: (input ids, attention mask, response mask) -> logits (N, V).
+
+    The distributed trainer gives this module to DeepSpeed, so the forward goes
+    through the engine (ZeRO-3 gathers, hooks) while the LM head still runs on
+    response positions only; the single-process trainer wraps its policy the same way.
+    """
+
+    def __init__(self, lm: torch.nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return response_logits(self.lm, {"input_ids": input_ids, "attention_mask": attention_mask}, mask)
 
 
 @dataclass(frozen=True)
@@ -109,16 +125,22 @@ def batch_stats(
 
     index = tokenstats.response_index(batch["labels"])
     kind = "exact" if token_level or log_kl else "sequence"
-    return policy_stats(response_logits(policy, batch, index), index, ReferenceScorer(reference, kind).score(batch),
-                        token_level, log_kl)
+    return policy_stats(response_logits(policy, batch, index.mask), index,
+                        ReferenceScorer(reference, kind).score(batch), token_level, log_kl)
 
 
 def micro_batch_loss(
-    policy: torch.nn.Module, batch: dict[str, torch.Tensor], reference: SequenceStats, options: StepOptions
+    policy: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    batch: dict[str, torch.Tensor],
+    reference: SequenceStats,
+    options: StepOptions,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Per-pair losses (B,) and per-pair metrics of one micro-batch against given reference statistics."""
+    """Per-pair losses (B,) and per-pair metrics of one micro-batch against given reference statistics.
+
+    ``policy`` is a :class:`ResponseLogits` or a DeepSpeed engine wrapping one.
+    """
     index = tokenstats.response_index(batch["labels"])
-    logits = response_logits(policy, batch, index)
+    logits = policy(batch["input_ids"], batch["attention_mask"], index.mask)
     stats = policy_stats(logits, index, reference, get_loss(options.loss).token_level, options.log_kl)
     return compute_loss(options.loss, stats, options.params)
 
@@ -136,9 +158,10 @@ def accumulate_gradients(
     per-pair metrics and the pair count.
     """
     total_pairs = sum(mb["input_ids"].shape[0] // 2 for mb, _ in micro_batches)
+    forward = ResponseLogits(policy)
     sums: dict[str, torch.Tensor] = {}
     for mb, reference in micro_batches:
-        losses, metrics = micro_batch_loss(policy, mb, reference, options)
+        losses, metrics = micro_batch_loss(forward, mb, reference, options)
         (losses.sum() / total_pairs).backward()
         add_metrics(sums, metrics)
     sums["pairs"] = torch.tensor(float(total_pairs))

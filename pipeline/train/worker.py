@@ -25,31 +25,12 @@ from typing import Any
 
 import torch
 
-from pipeline import tokenstats
 from pipeline.config import RunConfig
 from pipeline.data.tokenization import collate_pairs
-from pipeline.losses import compute_loss
 from pipeline.train.batches import BatchPosition, PairBatches
-from pipeline.train.step import StepOptions, add_metrics, policy_stats, response_logits
+from pipeline.train.step import ResponseLogits, StepOptions, add_metrics, micro_batch_loss
 
 CHECKPOINT_TAG = "state"
-
-
-class ResponseLogits(torch.nn.Module):
-    """The policy as DeepSpeed sees it: (input ids, attention mask, response mask) -> logits (N, V).
-
-    Wrapping keeps the LM head on response positions only (see step.response_logits)
-    while the forward still goes through the DeepSpeed engine (ZeRO-3 gathers, hooks).
-    """
-
-    def __init__(self, lm: torch.nn.Module):
-        super().__init__()
-        self.lm = lm
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        index = tokenstats.ResponseIndex(mask=mask, targets=mask.new_zeros(0, dtype=torch.long),
-                                         segments=mask.new_zeros(0, dtype=torch.long), lengths=mask.sum(1))
-        return response_logits(self.lm, {"input_ids": input_ids, "attention_mask": attention_mask}, index)
 
 
 def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
@@ -154,7 +135,7 @@ def _maybe_die(faults: dict[str, Any], rank: int, step: int, run_folder: Path) -
 
 
 def train_loop(config: dict[str, Any]) -> None:
-    """Ray Train entry point. ``config``: cfg (dict), pairs (ObjectRef), pad_token_id, feed (see distributed)."""
+    """Ray Train entry point. ``config``: see pipeline.train.distributed._fit."""
     import ray
     import ray.train
     import torch.distributed as dist
@@ -169,7 +150,6 @@ def train_loop(config: dict[str, Any]) -> None:
     engine = build_engine(cfg, world)
     feed = config["make_feed"]()
     options = StepOptions.from_config(cfg.loss)
-    token_level = cfg.loss.token_level
     start_step, position = restore(engine)
     batches = PairBatches(len(pairs), cfg.train.batch_size * world, cfg.train.seed)
     stream = batches.iterate(position)
@@ -191,11 +171,7 @@ def train_loop(config: dict[str, Any]) -> None:
             mine = indices[rank * b : (rank + 1) * b]
             batch = collate_pairs([pairs[i] for i in mine], config["pad_token_id"])
             batch = {k: v.to(device) for k, v in batch.items()}
-            reference = feed(mine, batch)
-            index = tokenstats.response_index(batch["labels"])
-            logits = engine(batch["input_ids"], batch["attention_mask"], index.mask)
-            stats = policy_stats(logits, index, reference, token_level, options.log_kl)
-            losses, metrics = compute_loss(options.loss, stats, options.params)
+            losses, metrics = micro_batch_loss(engine, batch, feed(mine, batch), options)
             engine.backward(losses.mean())  # DeepSpeed divides by the accumulation steps and averages workers
             engine.step()
             add_metrics(sums, metrics)

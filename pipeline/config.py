@@ -173,6 +173,115 @@ class DistributedConfig(_Strict):
         return self
 
 
+class GenerationConfig(_Strict):
+    """Sampling from a policy. The defaults (temperature 1, no top-k, no top-p) sample from the policy
+    itself, which is what makes the KL measured on the samples an unbiased estimate of KL(policy || ref)."""
+
+    max_new_tokens: int = Field(32, ge=1, le=4096)
+    temperature: float = Field(1.0, gt=0, le=100)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0, description="0: off")
+    batch_size: int = Field(32, ge=1, description="prompts per generate call")
+
+
+class RewardConfig(_Strict):
+    """A reward source. ``vader``: the VADER lexicon's compound sentiment score (-1..1) of prompt + completion.
+    Anything else is a sequence-classification model spec (a folder, e.g. one written by jobs.reward_model,
+    or a Hub name): a single-output model's score, or the log-odds of ``label`` for a classifier."""
+
+    source: str = Field("vader", min_length=1)
+    label: str | None = Field(None, description="classifier label whose log-odds is the reward, e.g. POSITIVE")
+    batch_size: int = Field(32, ge=1)
+    max_length: int = Field(512, ge=2)
+    trust_remote_code: bool = False
+
+
+class EvalConfig(_Strict):
+    """Generation-based evaluation: sample completions for held-out prompts and measure the reward,
+    KL(policy || reference) on the samples, the policy's token entropy and distinct-n."""
+
+    enabled: bool = Field(False, description="evaluate during training (every_steps and at the end)")
+    prompts: str = Field("builtin:movie-prefixes", description="builtin:NAME, a .txt (one per line) or .jsonl file")
+    split: Literal["train", "eval", "all"] = Field("eval", description="builtin prompt sets: which part")
+    num_prompts: int | None = Field(32, ge=1, description="use the first N prompts; null: all")
+    every_steps: int | None = Field(None, ge=1, description="also evaluate every N optimizer steps")
+    seed: int = Field(1234, ge=0, description="sampling seed; every evaluation draws with the same seed")
+    generation: GenerationConfig = GenerationConfig()
+    reward: RewardConfig = RewardConfig()
+
+
+class PairsConfig(_Strict):
+    """jobs.make_pairs: k samples per prompt from model.policy, the best and worst by a reward source
+    become a preference pair (the DPO paper's IMDb protocol)."""
+
+    prompts: str = "builtin:movie-prefixes"
+    split: Literal["train", "eval", "all"] = "train"
+    num_prompts: int | None = Field(64, ge=1)
+    samples_per_prompt: int = Field(4, ge=2, le=1024)
+    min_margin: float = Field(0.0, ge=0, description="drop prompts whose best and worst rewards differ by no more")
+    seed: int = Field(0, ge=0)
+    generation: GenerationConfig = GenerationConfig()
+    reward: RewardConfig = RewardConfig()
+    num_actors: int = Field(1, ge=1, description="generator actors (each holds the policy and the reward source)")
+    cpus_per_actor: float = Field(1.0, ge=0)
+    gpus_per_actor: float = Field(0.0, ge=0)
+    output: str | None = Field(None, description="JSONL file to write; null: <output.dir>/<run name>/pairs.jsonl")
+
+
+class StageTrainConfig(_Strict):
+    """Knobs shared by the supervised stages (SFT, reward model), trained with DDP on Ray Train."""
+
+    learning_rate: float = Field(1e-5, gt=0, le=1.0)
+    batch_size: int = Field(8, ge=1, description="examples per worker per step")
+    max_steps: int = Field(50, ge=1)
+    warmup_steps: int = Field(0, ge=0)
+    max_length: int = Field(256, ge=2)
+    seed: int = Field(0, ge=0)
+    num_workers: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    use_gpu: bool = False
+
+
+class SFTConfig(StageTrainConfig):
+    """jobs.sft: next-token loss on responses (prompt/completion or prompt/chosen rows: the prompt is masked)
+    or on whole texts (rows with a ``text`` field)."""
+
+    source: str = Field("builtin:movie-reviews", description="builtin:NAME, a local file, or a Hub dataset")
+    split: str = "train"
+    limit: int | None = Field(None, ge=1)
+
+
+class RewardModelConfig(StageTrainConfig):
+    """jobs.reward_model: a scalar head on a causal LM or an encoder, Bradley-Terry loss on preference pairs."""
+
+    base: str | None = Field(None, description="model spec to start from; null: model.policy")
+    source: str | None = Field(None, description="preference pairs; null: data.source")
+    split: str = "train"
+    limit: int | None = Field(None, ge=1)
+    eval_fraction: float = Field(0.2, gt=0, lt=1, description="pairs held out for the accuracy")
+    learning_rate: float = Field(1e-4, gt=0, le=1.0)
+
+
+class ParetoConfig(_Strict):
+    """The hypervolume's reference point (worst corner): null values are taken from the points
+    (KL: the largest KL measured; reward: the reference policy's reward, else the lowest measured)."""
+
+    reference_kl: float | None = Field(None, gt=0)
+    reference_reward: float | None = None
+
+
+class PipelineConfig(_Strict):
+    """jobs.pipeline: make pairs from the reference, then one training run per entry of ``runs``
+    (each a mapping of dotted overrides), each evaluated during training; then the Pareto fronts."""
+
+    runs: list[dict[str, Any]] = Field(
+        default_factory=lambda: [{"loss.name": "dpo", "loss.beta": 0.1}, {"loss.name": "tdpo2", "loss.beta": 0.1}],
+        min_length=1,
+    )
+    evaluate_reference: bool = Field(True, description="evaluate the untrained reference once: the fronts' origin")
+    pareto: ParetoConfig = ParetoConfig()
+
+
 class RunConfig(_Strict):
     model: ModelConfig
     data: DataConfig
@@ -182,6 +291,11 @@ class RunConfig(_Strict):
     distributed: DistributedConfig = DistributedConfig()
     output: OutputConfig = OutputConfig()
     tracking: TrackingConfig = TrackingConfig()
+    eval: EvalConfig = EvalConfig()
+    pairs: PairsConfig = PairsConfig()
+    sft: SFTConfig = SFTConfig()
+    reward_model: RewardModelConfig = RewardModelConfig()
+    pipeline: PipelineConfig = PipelineConfig()
 
     @property
     def workers(self) -> int:

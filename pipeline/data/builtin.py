@@ -10,6 +10,13 @@ instruction to write a positive review: the chosen response is positive, the
 rejected negative - the controlled-sentiment task of the DPO and TDPO papers
 in miniature. ``pang-lee-polarity`` is conversational (TRL format);
 ``pang-lee-polarity-text`` is the same pairs in the standard format.
+
+``movie-reviews``: those 200 sentences and the 10 IMDb reviews gensim ships
+(``alldata-id-10.txt``) as ``{"text": ...}`` rows, for supervised fine-tuning.
+
+``movie-prefixes`` (prompts, :func:`movie_prefixes`): the first 3 to 6 words of each of
+those 210 texts, the DPO paper's IMDb protocol (a review prefix the policy continues).
+Every fifth prefix is held out for evaluation (``split="eval"``); the rest is ``train``.
 """
 
 from __future__ import annotations
@@ -57,6 +64,35 @@ def pang_lee_sentences() -> tuple[list[str], list[str]]:
     return positive, negative
 
 
+def imdb_reviews() -> list[str]:
+    """The 10 IMDb reviews of gensim's doc2vec test data (lower-cased, tokenized text, id-prefixed lines)."""
+    path = package_file("gensim", "test/test_data/alldata-id-10.txt", "install it with `pip install --no-deps gensim`")
+    reviews = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        _, _, text = line.partition(" ")
+        if text.strip():
+            reviews.append(_detokenize(" ".join(text.split())))
+    return reviews
+
+
+def movie_texts() -> list[str]:
+    """Positive and negative sentences interleaved, then the IMDb reviews."""
+    positive, negative = pang_lee_sentences()
+    mixed = [text for pair in zip(positive, negative, strict=True) for text in pair]
+    return mixed + imdb_reviews()
+
+
+def movie_prefixes(split: str = "all") -> list[str]:
+    """Review prefixes of 3-6 words; every fifth one is in the ``eval`` split, the others in ``train``."""
+    if split not in ("train", "eval", "all"):
+        raise DataError(f"unknown split {split!r} of builtin:movie-prefixes; use train, eval or all")
+    prefixes = []
+    for i, text in enumerate(movie_texts()):
+        if split == "all" or (i % 5 == 0) == (split == "eval"):
+            prefixes.append(" ".join(text.split()[: 3 + i % 4]))
+    return prefixes
+
+
 def _detokenize(text: str) -> str:
     """Undo the corpus' space-before-punctuation tokenization and capitalise the first letter."""
     for mark in (" ,", " .", " !", " ?", " ;", " :", " 's", " 're", " n't", " )"):
@@ -82,6 +118,7 @@ def _pang_lee_pairs(conversational: bool) -> Iterator[dict[str, Any]]:
 BUILTIN_DATASETS: dict[str, Callable[[], Iterator[dict[str, Any]]]] = {
     "pang-lee-polarity": lambda: _pang_lee_pairs(conversational=True),
     "pang-lee-polarity-text": lambda: _pang_lee_pairs(conversational=False),
+    "movie-reviews": lambda: ({"text": text} for text in movie_texts()),
 }
 
 

@@ -116,15 +116,20 @@ def collate_pairs(pairs: list[TokenizedPair], pad_token_id: int) -> dict[str, to
     IGNORE_INDEX on prompt and padding positions. One forward pass of the
     concatenation scores both responses.
     """
-    sequences = [p.prompt_ids + p.chosen_ids for p in pairs] + [p.prompt_ids + p.rejected_ids for p in pairs]
-    prompt_lengths = [len(p.prompt_ids) for p in pairs] * 2
+    prompts = [p.prompt_ids for p in pairs] * 2
+    return collate_sequences(prompts, [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs], pad_token_id)
+
+
+def collate_sequences(prompts: list[list[int]], responses: list[list[int]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Row i is ``prompts[i] + responses[i]``, right-padded; labels are IGNORE_INDEX except on the response."""
+    sequences = [p + r for p, r in zip(prompts, responses, strict=True)]
     width = max(len(s) for s in sequences)
     input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
     labels = torch.full((len(sequences), width), IGNORE_INDEX, dtype=torch.long)
-    for i, (seq, n_prompt) in enumerate(zip(sequences, prompt_lengths, strict=True)):
+    for i, (seq, prompt) in enumerate(zip(sequences, prompts, strict=True)):
         ids = torch.tensor(seq, dtype=torch.long)
         input_ids[i, : len(seq)] = ids
         attention_mask[i, : len(seq)] = 1
-        labels[i, n_prompt : len(seq)] = ids[n_prompt:]
+        labels[i, len(prompt) : len(seq)] = ids[len(prompt) :]
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

@@ -63,6 +63,10 @@ class ReferenceActor:
             self.cache.write(chunk, stats)
         return stats.to_tensors(), self.scorer.forward_passes - before
 
+    def score_sequences(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Summed reference log-probs of each row's labelled tokens (evaluation samples' KL)."""
+        return ReferenceScorer(self.scorer.model, "sequence").score(batch).logps.cpu()
+
     def pid(self) -> int:
         return os.getpid()
 

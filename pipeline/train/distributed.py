@@ -26,6 +26,7 @@ import torch
 
 from pipeline.config import RunConfig, save_config
 from pipeline.errors import PipelineError
+from pipeline.eval.evaluator import Evaluator, build_evaluator
 from pipeline.reference.cache import ChunkPlan, ReferenceCache, cache_key
 from pipeline.reference.scorer import stats_kind
 from pipeline.tracking import flatten, open_tracker
@@ -124,6 +125,7 @@ def train_distributed(cfg: RunConfig, *, progress: bool = True, run_dir: Path | 
     tokenizer, dataset = prepare_data(cfg, run_dir)
     assert dataset.pairs is not None
     PairBatches(len(dataset.pairs), cfg.train.batch_size * cfg.workers, cfg.train.seed)  # enough pairs?
+    evaluator = build_evaluator(cfg, tokenizer) if cfg.eval.enabled else None
 
     with open_tracker(cfg, name, tags={"loss": cfg.loss.name, "trainer": "ray",
                                        "reference.mode": cfg.reference.mode}) as tracker:
@@ -131,7 +133,7 @@ def train_distributed(cfg: RunConfig, *, progress: bool = True, run_dir: Path | 
         tracker.log_artifact(run_dir / "config.yaml")
         tracker.log_artifact(run_dir / "data_report.json")
         connect_ray(cfg.distributed.address)
-        result = _fit(cfg, dataset.pairs, tokenizer, storage, run_folder, tracker, progress, faults)
+        result = _fit(cfg, dataset.pairs, tokenizer, storage, run_folder, tracker, progress, faults, evaluator)
         tracker.log_metrics({"reference/forward_passes": result.reference_forward_passes,
                              "reference/cached_chunks": result.reference_cached_chunks}, step=cfg.train.max_steps)
         if result.model_dir is not None:
@@ -143,7 +145,7 @@ def train_distributed(cfg: RunConfig, *, progress: bool = True, run_dir: Path | 
 
 
 def _fit(cfg: RunConfig, pairs: list, tokenizer: Any, storage: Path, run_folder: Path, tracker: Any,
-         progress: bool, faults: dict[str, Any] | None) -> TrainResult:
+         progress: bool, faults: dict[str, Any] | None, evaluator: Evaluator | None = None) -> TrainResult:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
@@ -169,17 +171,22 @@ def _fit(cfg: RunConfig, pairs: list, tokenizer: Any, storage: Path, run_folder:
             cached_chunks = sum(c not in missing for c in todo)
             todo = [c for c in todo if c in missing]
         refs = {}
-        check_resources(cfg, cfg.reference.num_actors if todo else 0)
-        if todo:  # everything cached: no actor, no model load
+        # Everything cached and no evaluation: no actor, no model load.
+        need_actors = bool(todo) or evaluator is not None
+        check_resources(cfg, cfg.reference.num_actors if need_actors else 0)
+        if need_actors:
             group = ReferenceGroup(cfg, kind, pairs, tokenizer.pad_token_id, cache, plan, faults)
             refs = group.submit(todo)
+            if evaluator is not None:
+                evaluator.reference_actors = list(group.actors)
         factory = FeedFactory(kind, cfg_tree, plan, refs, cache)
     d = cfg.distributed
     trainer = TorchTrainer(
         train_loop_per_worker=_train_loop,
         train_loop_config={"cfg": cfg_tree, "pairs": ray.put(pairs), "pad_token_id": tokenizer.pad_token_id,
                            "make_feed": factory, "run_folder": str(run_folder), "run_id": tracker.run_id,
-                           "tracking_uri": tracker.uri, "faults": faults, "progress": progress},
+                           "tracking_uri": tracker.uri, "faults": faults, "progress": progress,
+                           "evaluator": evaluator},
         scaling_config=ScalingConfig(num_workers=d.num_workers, use_gpu=d.use_gpu,
                                      resources_per_worker={"CPU": d.cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if d.use_gpu else "gloo"),
@@ -198,7 +205,8 @@ def _fit(cfg: RunConfig, pairs: list, tokenizer: Any, storage: Path, run_folder:
     finally:
         if group is not None:
             group.shutdown()
-    result = TrainResult(run_dir=run_folder, history=_read_history(run_folder / "metrics.jsonl"))
+    result = TrainResult(run_dir=run_folder, history=_read_history(run_folder / "metrics.jsonl"),
+                         evaluations=_read_history(run_folder / "eval.jsonl"))
     result.reference_forward_passes = forward_passes
     result.reference_cached_chunks = cached_chunks
     result.reference_restarts = restarts

@@ -24,6 +24,7 @@ import torch
 from pipeline.config import RunConfig, save_config
 from pipeline.data.dataset import PreferenceDataset, load_preference_dataset
 from pipeline.data.tokenization import collate_pairs
+from pipeline.eval.evaluator import Evaluator, build_evaluator
 from pipeline.models.loading import load_causal_lm, load_tokenizer
 from pipeline.reference.scorer import ReferenceScorer, stats_kind
 from pipeline.tracking import Tracker, flatten, open_tracker
@@ -41,6 +42,7 @@ class TrainResult:
     reference_cached_chunks: int = 0  # distributed: chunks read from the reference cache instead
     reference_restarts: int = 0  # distributed: reference actors replaced after dying
     checkpoint: str | None = None  # distributed: the last checkpoint
+    evaluations: list[dict[str, float]] = field(default_factory=list)  # {"step", "eval/reward", ...} per evaluation
 
 
 def steady_median(seconds: list[float]) -> float:
@@ -117,19 +119,20 @@ def train_local(cfg: RunConfig, *, progress: bool = True, run_dir: Path | None =
     tokenizer, dataset = prepare_data(cfg, run_dir)
     assert dataset.pairs is not None
     batches = PairBatches(len(dataset.pairs), cfg.train.batch_size, cfg.train.seed)
+    evaluator = build_evaluator(cfg, tokenizer) if cfg.eval.enabled else None
 
     with open_tracker(cfg, run_dir.name, tags={"loss": cfg.loss.name, "trainer": "local"}) as tracker:
         tracker.log_params(flatten(cfg.model_dump(mode="json")))
         tracker.log_artifact(run_dir / "config.yaml")
         tracker.log_artifact(run_dir / "data_report.json")
-        result = _train(cfg, run_dir, dataset, batches, tokenizer, tracker, progress)
+        result = _train(cfg, run_dir, dataset, batches, tokenizer, tracker, progress, evaluator)
         if result.model_dir is not None and cfg.tracking.log_model:
             tracker.log_artifact(result.model_dir, "model")
     return result
 
 
 def _train(cfg: RunConfig, run_dir: Path, dataset: PreferenceDataset, batches: PairBatches, tokenizer: Any,
-           tracker: Tracker, progress: bool) -> TrainResult:
+           tracker: Tracker, progress: bool, evaluator: Evaluator | None = None) -> TrainResult:
     from tqdm.auto import tqdm
 
     policy, reference = load_models(cfg)
@@ -166,9 +169,15 @@ def _train(cfg: RunConfig, run_dir: Path, dataset: PreferenceDataset, batches: P
                 log.write(json.dumps(record) + "\n")
                 log.flush()
                 tracker.log_metrics(metrics, step=step + 1)
+            if evaluator is not None and evaluator.due(step + 1, cfg.train.max_steps):
+                point = evaluator.run(policy, evaluator.reference_logps(0, reference)).metrics()
+                result.evaluations.append({"step": step + 1, **point})
+                tracker.log_metrics(point, step=step + 1)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}")
     result.seconds_per_step = steady_median(durations)
 
+    if result.evaluations:
+        (run_dir / "eval.jsonl").write_text("".join(json.dumps(e) + "\n" for e in result.evaluations), encoding="utf-8")
     if cfg.train.save_model:
         result.model_dir = run_dir / "model"
         policy.save_pretrained(result.model_dir)

@@ -160,6 +160,8 @@ def train_loop(config: dict[str, Any]) -> None:
     b = cfg.train.batch_size
     device = engine.device
     log = (run_folder / "metrics.jsonl").open("a", encoding="utf-8") if rank == 0 else None
+    evaluator = config.get("evaluator")
+    evals = (run_folder / "eval.jsonl").open("a", encoding="utf-8") if rank == 0 and evaluator else None
     bar = _progress_bar(cfg, start_step) if rank == 0 and config.get("progress") else None
     for step in range(start_step, cfg.train.max_steps):
         _maybe_die(config.get("faults") or {}, rank, step, run_folder)
@@ -189,16 +191,33 @@ def train_loop(config: dict[str, Any]) -> None:
             log.write(json.dumps({"step": done, **metrics}) + "\n")
             log.flush()
             tracker.log_metrics(metrics, step=done)
+        if evaluator is not None and evaluator.due(done, cfg.train.max_steps):
+            point = evaluate_policy(evaluator, engine, feed, cfg, rank, world).metrics()
+            if log is not None:
+                evals.write(json.dumps({"step": done, **point}) + "\n")
+                evals.flush()
+                tracker.log_metrics(point, step=done)
         _report(engine, cfg, done, next_position(batches, position), metrics)
         if bar is not None:
             bar.set_description(f"{cfg.loss.name} loss {metrics['loss']:.4f}")
             bar.update(1)
-    if log is not None:
-        log.close()
+    for handle in (log, evals):
+        if handle is not None:
+            handle.close()
     if bar is not None:
         bar.close()
     if cfg.train.save_model:
         export_model(engine, cfg, run_folder / "model", rank)
+
+
+def evaluate_policy(evaluator: Any, engine: Any, feed: Any, cfg: RunConfig, rank: int, world: int):
+    """One evaluation point of the policy as it is now; every rank takes part (ZeRO-3 gathers)."""
+    from pipeline.eval.evaluator import all_gather
+
+    local = feed.scorer.model if hasattr(feed, "scorer") else None  # colocated reference
+    synced = cfg.distributed.zero_stage == 3 and world > 1
+    return evaluator.run(engine.module.lm, evaluator.reference_logps(rank, local), rank, world,
+                         synced=synced, gather=all_gather)
 
 
 def _progress_bar(cfg: RunConfig, start_step: int):

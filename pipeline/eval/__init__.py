@@ -1,0 +1,1 @@
+"""Generation-based evaluation, reward sources and reward-KL Pareto fronts."""

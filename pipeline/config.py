@@ -122,6 +122,7 @@ class TrackingConfig(_Strict):
     uri: str | None = Field(None, description="e.g. http://127.0.0.1:5000 or sqlite:///path/mlflow.db")
     experiment: str = Field("rayprefopt", min_length=1)
     log_model: bool = Field(False, description="also upload the exported model as a run artifact")
+    tags: dict[str, str] = Field(default_factory=dict, description="extra tags on every run (jobs.pipeline adds `pipeline`)")
 
 
 class ReferenceConfig(_Strict):

@@ -136,7 +136,7 @@ def open_tracker(cfg: RunConfig, run_name: str, *, rank: int = 0, tags: dict[str
             experiment_id = client.create_experiment(cfg.tracking.experiment, artifact_location=_artifact_root(uri))
         else:
             experiment_id = experiment.experiment_id
-        run = client.create_run(experiment_id, run_name=run_name, tags=tags or {})
+        run = client.create_run(experiment_id, run_name=run_name, tags={**cfg.tracking.tags, **(tags or {})})
     except Exception as e:  # connection refused, bad URI, read-only store: all fatal here, before training
         raise TrackingError(f"MLflow tracking store at {_safe(uri)} cannot be used: {type(e).__name__}: {e}") from None
     return Tracker(client, run.info.run_id, uri)

@@ -26,6 +26,10 @@ STEPS = 6
 # 16 pairs: two steps of 8 pairs per epoch, so the loss measured each step falls steadily.
 COMMON = [f"train.max_steps={STEPS}", "train.warmup_steps=1", "train.log_every=1", "data.limit=16",
           "reference.chunk_size=4"]
+# Evaluation at steps 3 and 6: 4 held-out prompts, 2 per generate call, so the 2 workers' shares
+# (prompts 0-1 and 2-3) draw with the same seeds as the single process's two batches.
+EVAL = ["eval.enabled=true", "eval.every_steps=3", "eval.num_prompts=4", "eval.generation.batch_size=2",
+        "eval.generation.max_new_tokens=8"]
 
 
 def distributed_cfg(tmp_path: Path, name: str, *overrides: str):
@@ -48,7 +52,7 @@ def single_process(tmp_path_factory):
     out = tmp_path_factory.mktemp("local")
     runs = {}
     for loss in ("dpo", "tdpo2"):
-        cfg = load_config(TINY_CONFIG, [*COMMON, f"output.dir={out}", f"output.run_name={loss}",
+        cfg = load_config(TINY_CONFIG, [*COMMON, *EVAL, f"output.dir={out}", f"output.run_name={loss}",
                                         f"loss.name={loss}", "train.batch_size=8", "distributed.enabled=false"])
         runs[loss] = train_local(cfg, progress=False)
     return runs
@@ -57,7 +61,8 @@ def single_process(tmp_path_factory):
 @pytest.mark.parametrize("stage", [2, 3])
 @pytest.mark.parametrize("loss", ["dpo", "tdpo2"])
 def test_losses_decrease_and_match_single_process(loss, stage, tmp_path, single_process):
-    cfg = distributed_cfg(tmp_path, f"{loss}-z{stage}", f"loss.name={loss}", f"distributed.zero_stage={stage}")
+    cfg = distributed_cfg(tmp_path, f"{loss}-z{stage}", f"loss.name={loss}", f"distributed.zero_stage={stage}",
+                          *EVAL)
     result = train_distributed(cfg, progress=False)
     ours, reference = losses(result), losses(single_process[loss])
     assert len(ours) == STEPS
@@ -75,6 +80,14 @@ def test_losses_decrease_and_match_single_process(loss, stage, tmp_path, single_
     model = AutoModelForCausalLM.from_pretrained(result.model_dir)
     assert model.num_parameters() > 0
     assert_logged_in_mlflow(tmp_path, f"{loss}-z{stage}", stage, token_level=loss == "tdpo2")
+    # Evaluation during training: the same samples (same seeds, weights equal to 1e-6) as one process,
+    # generated in lockstep under ZeRO-3, KL from the reference actors.
+    assert [e["step"] for e in result.evaluations] == [3, 6]
+    for ours_e, local_e in zip(result.evaluations, single_process[loss].evaluations, strict=True):
+        assert ours_e["eval/samples"] == 4
+        for key in ("eval/reward", "eval/kl", "eval/entropy", "eval/distinct_1", "eval/length"):
+            assert ours_e[key] == pytest.approx(local_e[key], abs=1e-4), key
+    assert result.evaluations[-1]["eval/kl"] != 0  # the policy moved away from the reference
     ours_w, local_w = weights(result.model_dir), weights(single_process[loss].model_dir)
     assert ours_w.keys() == local_w.keys()
     for key in ours_w:
@@ -91,11 +104,13 @@ def assert_logged_in_mlflow(out: Path, name: str, stage: int, token_level: bool)
     assert run.info.status == "FINISHED"
     expected = {"loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                 "logps/chosen", "logps/rejected", "lr", "grad_norm", "throughput/pairs_per_s",
-                "throughput/tokens_per_s", "reference/forward_passes"}
+                "throughput/tokens_per_s", "reference/forward_passes", "eval/reward", "eval/kl", "eval/entropy",
+                "eval/distinct_1", "eval/distinct_2"}
     if token_level:
         expected |= {"kl/chosen", "kl/rejected", "kl/margin"}
     assert expected <= run.data.metrics.keys()
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == list(range(1, STEPS + 1))
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/kl")] == [3, 6]
     assert run.data.params["distributed.zero_stage"] == str(stage)
     assert run.data.params["distributed.num_workers"] == "2"
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"config.yaml", "data_report.json"}

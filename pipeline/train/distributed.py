@@ -127,7 +127,7 @@ def train_distributed(cfg: RunConfig, *, progress: bool = True, run_dir: Path | 
     PairBatches(len(dataset.pairs), cfg.train.batch_size * cfg.workers, cfg.train.seed)  # enough pairs?
     evaluator = build_evaluator(cfg, tokenizer) if cfg.eval.enabled else None
 
-    with open_tracker(cfg, name, tags={"loss": cfg.loss.name, "trainer": "ray",
+    with open_tracker(cfg, name, tags={"loss": cfg.loss.name, "method": cfg.loss.name, "trainer": "ray",
                                        "reference.mode": cfg.reference.mode}) as tracker:
         tracker.log_params(flatten(cfg.model_dump(mode="json")))
         tracker.log_artifact(run_dir / "config.yaml")

@@ -121,7 +121,7 @@ def train_local(cfg: RunConfig, *, progress: bool = True, run_dir: Path | None =
     batches = PairBatches(len(dataset.pairs), cfg.train.batch_size, cfg.train.seed)
     evaluator = build_evaluator(cfg, tokenizer) if cfg.eval.enabled else None
 
-    with open_tracker(cfg, run_dir.name, tags={"loss": cfg.loss.name, "trainer": "local"}) as tracker:
+    with open_tracker(cfg, run_dir.name, tags={"loss": cfg.loss.name, "method": cfg.loss.name, "trainer": "local"}) as tracker:
         tracker.log_params(flatten(cfg.model_dump(mode="json")))
         tracker.log_artifact(run_dir / "config.yaml")
         tracker.log_artifact(run_dir / "data_report.json")

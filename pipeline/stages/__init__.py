@@ -1,0 +1,1 @@
+"""The RLHF stages around preference optimisation: SFT, reward modelling, preference-pair generation."""

@@ -1,0 +1,118 @@
+"""What the supervised stages share: a Ray Train (DDP) run, a step loop, and where outputs go.
+
+SFT and the reward model are small supervised jobs: plain data parallelism (torch DDP, gloo on
+CPU, NCCL on GPU, through ``ray.train.torch.prepare_model``) is all they need. Each worker takes
+slice ``rank`` of every global batch of ``batch_size x workers`` examples from the seeded
+:class:`PairBatches` sampler; rank 0 logs to the MLflow run the driver opened and saves the model.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.config import StageTrainConfig
+from pipeline.errors import PipelineError
+
+
+class StageFailed(PipelineError):
+    """A stage's Ray Train run failed."""
+
+
+def fit_stage(name: str, loop: Callable[[dict[str, Any]], None], loop_config: dict[str, Any],
+              stage: StageTrainConfig, storage: Path) -> None:
+    """Run ``loop`` on ``stage.num_workers`` Ray Train workers (DDP) and wait for it."""
+    from ray.train import RunConfig as RayRunConfig
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    trainer = TorchTrainer(
+        train_loop_per_worker=loop, train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=stage.num_workers, use_gpu=stage.use_gpu,
+                                     resources_per_worker={"CPU": stage.cpus_per_worker}),
+        torch_config=TorchConfig(backend="nccl" if stage.use_gpu else "gloo"),
+        run_config=RayRunConfig(name=name, storage_path=str(storage)),
+    )
+    try:
+        trainer.fit()
+    except Exception as e:
+        raise StageFailed(f"{name} failed: {type(e).__name__}: {e}") from e
+
+
+def check_cluster(stage: StageTrainConfig) -> None:
+    """Refuse a run the cluster can never hold (Ray would wait for resources forever)."""
+    import ray
+
+    have = ray.cluster_resources()
+    need = {"CPU": stage.num_workers * stage.cpus_per_worker, "GPU": stage.num_workers * int(stage.use_gpu)}
+    short = {k: v for k, v in need.items() if v > have.get(k, 0) + 1e-9}
+    if short:
+        raise PipelineError("the Ray cluster is too small: needs " + ", ".join(
+            f"{v:g} {k} (has {have.get(k, 0):g})" for k, v in short.items())
+            + f" for {stage.num_workers} worker(s) x {stage.cpus_per_worker:g} CPU (use_gpu={stage.use_gpu})")
+
+
+def worker_batches(num_examples: int, stage: StageTrainConfig, rank: int, world: int) -> Iterator[list[int]]:
+    """This worker's example indices of each global batch, forever (epochs reshuffled by seed)."""
+    from pipeline.train.batches import PairBatches
+
+    b = stage.batch_size
+    for _, indices in PairBatches(num_examples, b * world, stage.seed).iterate():
+        yield indices[rank * b : (rank + 1) * b]
+
+
+class StepLog:
+    """Rank 0: metrics.jsonl, MLflow (attached to the driver's run) and a progress bar."""
+
+    def __init__(self, config: dict[str, Any], rank: int, total: int, desc: str):
+        from pipeline.tracking import attach_tracker
+
+        self.rank = rank
+        self.tracker = attach_tracker(config["tracking_uri"], config["run_id"], rank)
+        self.file = (Path(config["run_folder"]) / "metrics.jsonl").open("a", encoding="utf-8") if rank == 0 else None
+        self.bar = None
+        if rank == 0 and config.get("progress"):
+            from ray.experimental.tqdm_ray import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="step")
+        self.started = time.perf_counter()
+
+    def step(self, step: int, metrics: dict[str, float]) -> None:
+        if self.file is None:
+            return
+        metrics = {**metrics, "seconds": time.perf_counter() - self.started}
+        self.started = time.perf_counter()
+        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.file.flush()
+        self.tracker.log_metrics(metrics, step=step)
+        if self.bar is not None:
+            self.bar.set_description(" ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k in ("loss", "accuracy")))
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        if self.bar is not None:
+            self.bar.close()
+
+
+def all_mean(value: torch.Tensor) -> float:
+    """Mean of a scalar over workers."""
+    import torch.distributed as dist
+
+    value = value.detach().double().cpu().reshape(1)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(value)
+        value /= dist.get_world_size()
+    return float(value)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -1,0 +1,181 @@
+"""A Bradley-Terry reward model on Ray Train: a scalar head on a causal LM or an encoder.
+
+    loss = -log sigmoid(r(x, y_chosen) - r(x, y_rejected))
+
+The pairs go through the same loading, validation and tokenization as preference training
+(pipeline.data); a seeded ``reward_model.eval_fraction`` of them is held out, and the held-out
+pair accuracy (r_chosen > r_rejected) is measured at the end. The model is saved as a
+sequence-classification folder with one output, which ``eval.reward.source`` / ``pairs.reward.source``
+take as a reward source. The trailing EOS of each response is dropped, so training scores the
+same token sequence the reward source sees when it tokenizes prompt + completion.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.config import RunConfig, save_config
+from pipeline.errors import DataError
+from pipeline.stages.sft import StageResult
+
+Pair = tuple[list[int], list[int]]  # (chosen ids, rejected ids), prompt included
+
+
+def reward_pairs(cfg: RunConfig, tokenizer: Any) -> tuple[list[Pair], list[Pair]]:
+    """(train, held-out) token pairs; the data is validated like preference-training data."""
+    from pipeline.data.dataset import load_preference_dataset
+
+    r = cfg.reward_model
+    data = cfg.data.model_copy(update={"source": r.source or cfg.data.source, "split": r.split, "limit": r.limit,
+                                       "max_length": r.max_length,
+                                       "max_prompt_length": min(cfg.data.max_prompt_length or r.max_length // 2,
+                                                                r.max_length - 1)})
+    dataset = load_preference_dataset(data, tokenizer)
+    assert dataset.pairs is not None
+    eos = tokenizer.eos_token_id
+
+    def strip(ids: list[int]) -> list[int]:
+        return ids[:-1] if len(ids) > 1 and ids[-1] == eos else ids
+
+    pairs = [(p.prompt_ids + strip(p.chosen_ids), p.prompt_ids + strip(p.rejected_ids)) for p in dataset.pairs]
+    order = list(range(len(pairs)))
+    random.Random(r.seed).shuffle(order)
+    held = max(1, round(len(pairs) * r.eval_fraction))
+    if len(pairs) - held < 1:
+        raise DataError(f"{len(pairs)} pair(s) leave nothing to train on after holding out {held} "
+                        f"(reward_model.eval_fraction={r.eval_fraction})")
+    return [pairs[i] for i in order[held:]], [pairs[i] for i in order[:held]]
+
+
+def load_reward_backbone(spec: str, cfg: RunConfig, pad_token_id: int) -> Any:
+    """A one-output sequence-classification model on ``spec`` (its score head is new)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from pipeline.errors import ModelLoadError
+    from pipeline.models.loading import resolve
+
+    resolved = resolve(spec, cfg.model.revision)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            resolved.location, num_labels=1, revision=cfg.model.revision, dtype=torch.float32,
+            trust_remote_code=cfg.model.trust_remote_code, use_safetensors=True if resolved.local else None)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"could not load reward-model base '{spec}': {type(e).__name__}: {e}") from None
+    model.config.pad_token_id = pad_token_id
+    return model
+
+
+def pad_rows(rows: list[list[int]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, : len(row)] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def pair_rewards(model: Any, pairs: list[Pair], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r_chosen, r_rejected) of a batch of pairs, one forward over the 2B sequences."""
+    device = next(model.parameters()).device
+    batch = pad_rows([c for c, _ in pairs] + [r for _, r in pairs], pad_token_id)
+    scores = model(**{k: v.to(device) for k, v in batch.items()}).logits[:, 0].float()
+    return scores[: len(pairs)], scores[len(pairs) :]
+
+
+@torch.no_grad()
+def accuracy(model: Any, pairs: list[Pair], pad_token_id: int, batch_size: int) -> float:
+    was = model.training
+    model.eval()
+    correct = 0
+    for start in range(0, len(pairs), batch_size):
+        chosen, rejected = pair_rewards(model, pairs[start : start + batch_size], pad_token_id)
+        correct += int((chosen > rejected).sum())
+    model.train(was)
+    return correct / len(pairs)
+
+
+def run_reward_model(cfg: RunConfig, *, progress: bool = True) -> StageResult:
+    import ray
+
+    from pipeline.models.loading import load_tokenizer
+    from pipeline.stages.common import check_cluster, fit_stage, read_jsonl
+    from pipeline.tracking import flatten, open_tracker
+    from pipeline.train.distributed import connect_ray, storage_root
+
+    r = cfg.reward_model
+    base = r.base or cfg.model.policy
+    name = cfg.output.run_name or f"reward-model-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_folder = storage_root(cfg) / name
+    run_folder.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_folder)
+    tokenizer = load_tokenizer(cfg.model.tokenizer if cfg.model.tokenizer else base, revision=cfg.model.revision,
+                               trust_remote_code=cfg.model.trust_remote_code)
+    train, held_out = reward_pairs(cfg, tokenizer)
+    with open_tracker(cfg, name, tags={"stage": "reward_model"}) as tracker:
+        tracker.log_params(flatten({"reward_model": r.model_dump(mode="json"), "data.source": r.source or cfg.data.source}))
+        tracker.log_params({"reward_model.base_resolved": base, "reward_model.train_pairs": len(train),
+                            "reward_model.eval_pairs": len(held_out)})
+        tracker.log_artifact(run_folder / "config.yaml")
+        connect_ray(cfg.distributed.address)
+        check_cluster(r)
+        fit_stage(name, _reward_loop, {"cfg": cfg.model_dump(mode="json"), "base": base,
+                                       "train": ray.put(train), "held_out": ray.put(held_out),
+                                       "pad_token_id": tokenizer.pad_token_id, "run_folder": str(run_folder),
+                                       "run_id": tracker.run_id, "tracking_uri": tracker.uri, "progress": progress},
+                  r, storage_root(cfg))
+        model_dir = run_folder / "model"
+        tokenizer.save_pretrained(model_dir)
+        history = read_jsonl(run_folder / "metrics.jsonl")
+        final = read_jsonl(run_folder / "final.jsonl")[-1]
+        tracker.log_metrics(final, step=r.max_steps)
+        return StageResult(run_folder, model_dir, history, final, tracker.run_id)
+
+
+def _reward_loop(config: dict[str, Any]) -> None:
+    import json
+
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    from pipeline.stages.common import StepLog, all_mean, worker_batches
+    from pipeline.train.local import warmup_schedule
+
+    cfg = RunConfig.model_validate(config["cfg"])
+    r = cfg.reward_model
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.manual_seed(r.seed)
+    train, held_out = ray.get(config["train"]), ray.get(config["held_out"])
+    pad = config["pad_token_id"]
+    model = ray.train.torch.prepare_model(load_reward_backbone(config["base"], cfg, pad))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=r.learning_rate)
+    scheduler = warmup_schedule(optimizer, r.warmup_steps, r.max_steps)
+    batches = worker_batches(len(train), r, rank, world)
+    log = StepLog(config, rank, r.max_steps, "reward model")
+    model.train()
+    for step in range(r.max_steps):
+        chosen, rejected = pair_rewards(model, [train[i] for i in next(batches)], pad)
+        loss = -F.logsigmoid(chosen - rejected).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm or float("inf"))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        log.step(step + 1, {"loss": all_mean(loss), "accuracy": all_mean((chosen > rejected).float().mean()),
+                            "margin": all_mean((chosen - rejected).mean()), "lr": scheduler.get_last_lr()[0]})
+    log.close()
+    if rank == 0:
+        plain = model.module if hasattr(model, "module") else model
+        final = {"eval/accuracy": accuracy(plain, held_out, pad, r.batch_size),
+                 "train/accuracy": accuracy(plain, train, pad, r.batch_size)}
+        folder = Path(config["run_folder"])
+        (folder / "final.jsonl").write_text(json.dumps(final) + "\n", encoding="utf-8")
+        plain.save_pretrained(folder / "model")

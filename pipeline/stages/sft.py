@@ -1,0 +1,137 @@
+"""Supervised fine-tuning on Ray Train: next-token loss on responses, or on whole texts.
+
+Rows: ``{"text": str}`` (every token is learned), or ``{"prompt": str, "completion" | "chosen": str}``
+(the prompt is context only; its tokens carry no loss). Every response ends with EOS. Bad rows are
+listed with their numbers before any model loads.
+
+Outputs (``<storage>/<run name>/``): metrics.jsonl, model/ (safetensors + tokenizer).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.config import RunConfig, save_config
+from pipeline.errors import DataError, RowProblem
+
+
+@dataclass
+class StageResult:
+    run_dir: Path
+    model_dir: Path | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+    run_id: str | None = None
+    output: Path | None = None  # make_pairs: the pairs file
+
+
+def sft_examples(cfg: RunConfig, tokenizer: Any) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, response ids) per row; raises DataError listing every bad row."""
+    from pipeline.data.sources import Unparseable, read_records
+
+    s = cfg.sft
+    examples, problems = [], []
+    eos = tokenizer.eos_token_id
+    for number, record in read_records(s.source, s.split, s.limit):
+        if isinstance(record, Unparseable):
+            problems.append(RowProblem(number, "(row)", record.message))
+            continue
+        text, prompt = record.get("text"), record.get("prompt")
+        response = record.get("completion", record.get("chosen"))
+        if isinstance(text, str) and text.strip():
+            prompt_ids, response_ids = [], tokenizer(text, add_special_tokens=True)["input_ids"]
+        elif isinstance(prompt, str) and isinstance(response, str) and response.strip():
+            prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+            response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+        else:
+            problems.append(RowProblem(number, "(row)", "needs a text field 'text', or 'prompt' with 'completion' "
+                                                        "or 'chosen' (standard format, strings)"))
+            continue
+        response_ids = list(response_ids) + [eos]
+        prompt_ids = list(prompt_ids)[-(s.max_length // 2):] if len(prompt_ids) >= s.max_length else list(prompt_ids)
+        examples.append((prompt_ids, response_ids[: s.max_length - len(prompt_ids)]))
+    if problems:
+        raise DataError(f"{len(problems)} bad row(s) in SFT data", problems, source=s.source)
+    if not examples:
+        raise DataError(f"no rows in SFT data {s.source}")
+    return examples
+
+
+def run_sft(cfg: RunConfig, *, progress: bool = True) -> StageResult:
+    """Validate the data, then fine-tune ``model.policy`` on Ray Train workers; returns where the model is."""
+    import ray
+
+    from pipeline.models.loading import load_tokenizer
+    from pipeline.stages.common import check_cluster, fit_stage, read_jsonl
+    from pipeline.tracking import flatten, open_tracker
+    from pipeline.train.distributed import connect_ray, storage_root
+
+    m = cfg.model
+    name = cfg.output.run_name or f"sft-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_folder = storage_root(cfg) / name
+    run_folder.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_folder)
+    tokenizer = load_tokenizer(m.tokenizer_spec, revision=m.revision, trust_remote_code=m.trust_remote_code)
+    examples = sft_examples(cfg, tokenizer)
+    with open_tracker(cfg, name, tags={"stage": "sft"}) as tracker:
+        tracker.log_params(flatten({"model": cfg.model.model_dump(mode="json"), "sft": cfg.sft.model_dump(mode="json")}))
+        tracker.log_params({"sft.examples": len(examples)})
+        tracker.log_artifact(run_folder / "config.yaml")
+        connect_ray(cfg.distributed.address)
+        check_cluster(cfg.sft)
+        fit_stage(name, _sft_loop, {"cfg": cfg.model_dump(mode="json"), "examples": ray.put(examples),
+                                    "pad_token_id": tokenizer.pad_token_id, "run_folder": str(run_folder),
+                                    "run_id": tracker.run_id, "tracking_uri": tracker.uri, "progress": progress},
+                  cfg.sft, storage_root(cfg))
+        model_dir = run_folder / "model"
+        tokenizer.save_pretrained(model_dir)
+        if cfg.tracking.log_model:
+            tracker.log_artifact(model_dir, "model")
+        history = read_jsonl(run_folder / "metrics.jsonl")
+        return StageResult(run_folder, model_dir, history, {"final_loss": history[-1]["loss"]}, tracker.run_id)
+
+
+def _sft_loop(config: dict[str, Any]) -> None:
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    from pipeline.data.tokenization import collate_sequences
+    from pipeline.models.loading import load_causal_lm
+    from pipeline.stages.common import StepLog, all_mean, worker_batches
+    from pipeline.train.local import warmup_schedule
+
+    cfg = RunConfig.model_validate(config["cfg"])
+    s = cfg.sft
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.manual_seed(s.seed)
+    examples = ray.get(config["examples"])
+    model = load_causal_lm(cfg.model.policy, dtype=cfg.model.dtype, revision=cfg.model.revision,
+                           trust_remote_code=cfg.model.trust_remote_code)
+    model = ray.train.torch.prepare_model(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=s.learning_rate)
+    scheduler = warmup_schedule(optimizer, s.warmup_steps, s.max_steps)
+    batches = worker_batches(len(examples), s, rank, world)
+    log = StepLog(config, rank, s.max_steps, "sft")
+    device = next(model.parameters()).device
+    model.train()
+    for step in range(s.max_steps):
+        members = [examples[i] for i in next(batches)]
+        batch = collate_sequences([e[0] for e in members], [e[1] for e in members], config["pad_token_id"])
+        batch = {k: v.to(device) for k, v in batch.items()}
+        loss = model(**batch, use_cache=False).loss  # mean over this worker's response tokens
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm or float("inf"))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        log.step(step + 1, {"loss": all_mean(loss), "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm)})
+    log.close()
+    if rank == 0:
+        (model.module if hasattr(model, "module") else model).save_pretrained(Path(config["run_folder"]) / "model")

@@ -203,8 +203,9 @@ class EvalConfig(_Strict):
 
     enabled: bool = Field(False, description="evaluate during training (every_steps and at the end)")
     prompts: str = Field("builtin:movie-prefixes", description="builtin:NAME, a .txt (one per line) or .jsonl file")
-    split: Literal["train", "eval", "all"] = Field("eval", description="builtin prompt sets: which part")
+    split: str = Field("eval", description="dataset split; builtin:movie-prefixes has train, eval and all")
     num_prompts: int | None = Field(32, ge=1, description="use the first N prompts; null: all")
+    prompt_words: int | None = Field(None, ge=1, description="rows with only `text`: its first N words are the prompt")
     every_steps: int | None = Field(None, ge=1, description="also evaluate every N optimizer steps")
     seed: int = Field(1234, ge=0, description="sampling seed; every evaluation draws with the same seed")
     generation: GenerationConfig = GenerationConfig()
@@ -216,8 +217,9 @@ class PairsConfig(_Strict):
     become a preference pair (the DPO paper's IMDb protocol)."""
 
     prompts: str = "builtin:movie-prefixes"
-    split: Literal["train", "eval", "all"] = "train"
+    split: str = Field("train", description="dataset split; builtin:movie-prefixes has train, eval and all")
     num_prompts: int | None = Field(64, ge=1)
+    prompt_words: int | None = Field(None, ge=1, description="rows with only `text`: its first N words are the prompt")
     samples_per_prompt: int = Field(4, ge=2, le=1024)
     min_margin: float = Field(0.0, ge=0, description="drop prompts whose best and worst rewards differ by no more")
     seed: int = Field(0, ge=0)

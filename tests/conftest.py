@@ -129,3 +129,13 @@ def ray_cluster():
     finally:
         ray.shutdown()
         cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_reward_dir(tmp_path_factory) -> Path:
+    """A tiny random one-output classifier: a reward source whose scores vary with any text."""
+    from pipeline.models.tiny import save_tiny_reward_model
+
+    out = tmp_path_factory.mktemp("tiny-reward")
+    save_tiny_reward_model(out)
+    return out

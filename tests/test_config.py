@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from pipeline.config import RunConfig, load_config, save_config
@@ -104,3 +106,44 @@ def test_resolved_config_round_trips(tmp_path):
     path = save_config(cfg, tmp_path / "run")
     assert path.name == "config.yaml"
     assert load_config(path) == cfg
+
+
+PAPER_CONFIGS = sorted((REPO / "configs" / "paper").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", PAPER_CONFIGS, ids=lambda p: p.name)
+def test_paper_configs_validate_with_every_pipeline_run(path):
+    """The GPU-cluster configs are not run here; they must still be valid, run entries included."""
+    from pipeline.stages.pipeline import run_configs
+
+    cfg = load_config(path)
+    assert cfg.distributed.use_gpu and cfg.eval.enabled
+    assert not cfg.model.policy.startswith("builtin:")  # real Hub models
+    runs = run_configs(cfg, "p", Path("/tmp/pairs.jsonl"))
+    assert len(runs) == len(cfg.pipeline.runs) >= 3
+    assert {r.loss.name for r in runs} >= {"dpo", "tdpo2"}
+    assert all(r.data.source == "/tmp/pairs.jsonl" and r.eval.enabled for r in runs)
+    assert all(r.tracking.tags["pipeline"] == "p" for r in runs)
+
+
+def test_paper_configs_exist():
+    assert {p.name for p in PAPER_CONFIGS} >= {"imdb_gpt2.yaml", "hh_pythia28b.yaml"}
+
+
+def test_default_pipeline_compares_the_three_methods():
+    from pipeline.stages.pipeline import run_configs
+
+    cfg = load_config(REPO / "configs" / "default.yaml")
+    runs = run_configs(cfg, "p", Path("/tmp/pairs.jsonl"))
+    assert [r.loss.name for r in runs].count("dpo") >= 2  # at least two betas
+    assert {r.loss.name for r in runs} == {"dpo", "tdpo1", "tdpo2"}
+    assert len({r.output.run_name for r in runs}) == len(runs)
+
+
+@pytest.mark.parametrize("override", ["eval.generation.top_p=0", "eval.generation.top_p=1.5",
+                                      "eval.generation.temperature=0", "eval.every_steps=0",
+                                      "pairs.samples_per_prompt=1", "reward_model.eval_fraction=1",
+                                      "pipeline.runs=[]", "eval.num_prompts=0"])
+def test_evaluation_and_stage_bounds(override):
+    with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", r"\.")):
+        load_config(None, ["model.policy=x", "data.source=y", "loss.name=dpo", override])

@@ -75,7 +75,7 @@ def build_evaluator(cfg: RunConfig, tokenizer: Any, reference_actors: Sequence[A
 
     e = cfg.eval
     check_reward(e.reward)
-    prompts = load_prompts(e.prompts, e.split, e.num_prompts)
+    prompts = load_prompts(e.prompts, e.split, e.num_prompts, e.prompt_words)
     return Evaluator(e, prompts, encode_prompts(tokenizer, prompts), tokenizer, list(reference_actors))
 
 

@@ -67,3 +67,16 @@ def save_tiny_model(out: Path, seed: int = 0) -> None:
     model.config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+def save_tiny_reward_model(out: Path, seed: int = 0) -> None:
+    """A tiny random one-output sequence classifier with the byte tokenizer (a reward source for tests)."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    tokenizer = byte_level_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, num_labels=1,
+                         pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    LlamaForSequenceClassification(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)

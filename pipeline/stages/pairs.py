@@ -91,7 +91,7 @@ def run_make_pairs(cfg: RunConfig, *, progress: bool = True) -> StageResult:
     output.parent.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_folder)
     check_reward(p.reward)
-    prompts = load_prompts(p.prompts, p.split, p.num_prompts)
+    prompts = load_prompts(p.prompts, p.split, p.num_prompts, p.prompt_words)
     tokenizer = load_tokenizer(m.tokenizer_spec, revision=m.revision, trust_remote_code=m.trust_remote_code)
     prompt_ids = encode_prompts(tokenizer, prompts)
     with open_tracker(cfg, name, tags={"stage": "make_pairs"}) as tracker:

@@ -1,7 +1,8 @@
 """Supervised fine-tuning on Ray Train: next-token loss on responses, or on whole texts.
 
-Rows: ``{"text": str}`` (every token is learned), or ``{"prompt": str, "completion" | "chosen": str}``
-(the prompt is context only; its tokens carry no loss). Every response ends with EOS. Bad rows are
+Rows: ``{"text": str}`` (every token is learned), ``{"prompt": str, "completion": str}``, or a
+preference row in any TRL format (its chosen response is learned, rendered as preference training
+renders it, chat template included); the prompt is context only, its tokens carry no loss. Every response ends with EOS. Bad rows are
 listed with their numbers before any model loads.
 
 Outputs (``<storage>/<run name>/``): metrics.jsonl, model/ (safetensors + tokenizer).
@@ -32,25 +33,33 @@ class StageResult:
 
 def sft_examples(cfg: RunConfig, tokenizer: Any) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, response ids) per row; raises DataError listing every bad row."""
+    from pipeline.data.normalize import normalize_record
     from pipeline.data.sources import Unparseable, read_records
+    from pipeline.data.tokenization import PairTokenizer
 
     s = cfg.sft
+    renderer = PairTokenizer(tokenizer, s.max_length)
     examples, problems = [], []
     eos = tokenizer.eos_token_id
     for number, record in read_records(s.source, s.split, s.limit):
         if isinstance(record, Unparseable):
             problems.append(RowProblem(number, "(row)", record.message))
             continue
-        text, prompt = record.get("text"), record.get("prompt")
-        response = record.get("completion", record.get("chosen"))
+        text, prompt, response = record.get("text"), record.get("prompt"), record.get("completion")
+        if response is None and "chosen" in record:  # a preference row: learn its chosen response
+            example = normalize_record(number, record)
+            if isinstance(example, list):
+                problems.extend(example)
+                continue
+            prompt, response, _ = renderer.render(example)
         if isinstance(text, str) and text.strip():
             prompt_ids, response_ids = [], tokenizer(text, add_special_tokens=True)["input_ids"]
         elif isinstance(prompt, str) and isinstance(response, str) and response.strip():
             prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
             response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
         else:
-            problems.append(RowProblem(number, "(row)", "needs a text field 'text', or 'prompt' with 'completion' "
-                                                        "or 'chosen' (standard format, strings)"))
+            problems.append(RowProblem(number, "(row)", "needs a text field 'text', 'prompt' with 'completion', "
+                                                        "or a preference row (its chosen response is learned)"))
             continue
         response_ids = list(response_ids) + [eos]
         prompt_ids = list(prompt_ids)[-(s.max_length // 2):] if len(prompt_ids) >= s.max_length else list(prompt_ids)

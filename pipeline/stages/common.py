@@ -57,6 +57,18 @@ def check_cluster(stage: StageTrainConfig) -> None:
             + f" for {stage.num_workers} worker(s) x {stage.cpus_per_worker:g} CPU (use_gpu={stage.use_gpu})")
 
 
+def quiet_train_reports() -> None:
+    """Ray Train V2 logs every ``ray.train.report`` call (the whole metrics dict) at INFO from each
+    worker; progress bars and MLflow already carry those numbers. Its logger is named by file path."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: leave its logging alone
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def worker_batches(num_examples: int, stage: StageTrainConfig, rank: int, world: int) -> Iterator[list[int]]:
     """This worker's example indices of each global batch, forever (epochs reshuffled by seed)."""
     from pipeline.train.batches import PairBatches
@@ -72,6 +84,7 @@ class StepLog:
     def __init__(self, config: dict[str, Any], rank: int, total: int, desc: str):
         from pipeline.tracking import attach_tracker
 
+        quiet_train_reports()
         self.rank = rank
         self.tracker = attach_tracker(config["tracking_uri"], config["run_id"], rank)
         self.file = (Path(config["run_folder"]) / "metrics.jsonl").open("a", encoding="utf-8") if rank == 0 else None

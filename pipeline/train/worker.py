@@ -140,6 +140,9 @@ def train_loop(config: dict[str, Any]) -> None:
     import ray.train
     import torch.distributed as dist
 
+    from pipeline.stages.common import quiet_train_reports
+
+    quiet_train_reports()
     cfg = RunConfig.model_validate(config["cfg"])
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.distributed.use_gpu else "cpu")
     context = ray.train.get_context()

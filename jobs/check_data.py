@@ -28,7 +28,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--split", help="dataset split (Hub datasets and folders)")
     p.add_argument("--max-length", type=int, help="prompt + response token budget")
     p.add_argument("--max-prompt-length", type=int, help="prompt token budget (0: never truncate prompts)")
-    return p.parse_args()
+    return p.parse_intermixed_args()
 
 
 def data_config(args: argparse.Namespace) -> tuple[DataConfig, str | None]:

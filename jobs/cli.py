@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from collections.abc import Callable
 
 from pipeline.errors import PipelineError
 
 EXIT_USER_ERROR = 2
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 
 
 def config_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", help="YAML config file (see configs/)")
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG),
+                        help="YAML config file (see configs/); default: the embedded offline default")
     parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="dotted config overrides")
     return parser
 

@@ -26,7 +26,7 @@ def main() -> int:
     parser.add_argument("--model", help="evaluate this model spec instead of reading runs")
     parser.add_argument("--method", default="reference", help="--model: the method tag of its run")
     parser.add_argument("--name", help="name of the MLflow run to create")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
     cfg = load_config(args.config, args.overrides)
     if args.model:
         from pipeline.eval.runs import evaluate_model

@@ -10,17 +10,13 @@ Pareto fronts in MLflow. Prints a summary table and where to look in the MLflow 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from jobs.cli import config_parser, run_job
 from pipeline.config import load_config
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
-
 
 def main() -> int:
-    args = config_parser(__doc__).parse_args()
-    cfg = load_config(args.config or DEFAULT_CONFIG, args.overrides)
+    args = config_parser(__doc__).parse_intermixed_args()
+    cfg = load_config(args.config, args.overrides)
     from pipeline.stages.pipeline import run_pipeline, summary_table
     from pipeline.tracking import tracking_uri
 

@@ -16,7 +16,7 @@ from pipeline.config import load_config
 
 
 def main() -> int:
-    args = config_parser(__doc__).parse_args()
+    args = config_parser(__doc__).parse_intermixed_args()
     cfg = load_config(args.config, args.overrides)
     from pipeline.stages.reward_model import run_reward_model
 

@@ -17,7 +17,7 @@ from pipeline.train.local import summarize, train_local
 
 
 def main() -> int:
-    args = config_parser(__doc__).parse_args()
+    args = config_parser(__doc__).parse_intermixed_args()
     cfg = load_config(args.config, args.overrides)
     if cfg.distributed.enabled:
         from pipeline.train.distributed import train_distributed

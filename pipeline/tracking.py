@@ -122,14 +122,13 @@ def open_tracker(cfg: RunConfig, run_name: str, *, rank: int = 0, tags: dict[str
     uri = tracking_uri(cfg)
     if rank != 0 or not cfg.tracking.enabled:
         return Tracker(None, None, uri)
-    from mlflow.tracking import MlflowClient
 
     database = _sqlite_path(uri)
     if database is not None:
         database.parent.mkdir(parents=True, exist_ok=True)
     elif uri.startswith(("http://", "https://")):
         check_server(uri)
-    client = MlflowClient(tracking_uri=uri)
+    client = _client(uri, database)
     try:
         experiment = client.get_experiment_by_name(cfg.tracking.experiment)
         if experiment is None:
@@ -149,6 +148,21 @@ def attach_tracker(uri: str, run_id: str | None, rank: int) -> Tracker:
     from mlflow.tracking import MlflowClient
 
     return Tracker(MlflowClient(tracking_uri=uri), run_id, uri, owner=False)
+
+
+def _client(uri: str, database: Path | None) -> Any:
+    """An MlflowClient; a new embedded SQLite store is created under a file lock, since two processes
+    creating it at once break MLflow's schema migration (seen with two jobs on one output dir)."""
+    from mlflow.tracking import MlflowClient
+
+    if database is None:
+        return MlflowClient(tracking_uri=uri)
+    from filelock import FileLock
+
+    with FileLock(str(database) + ".lock"):
+        client = MlflowClient(tracking_uri=uri)
+        client.search_experiments(max_results=1)  # creates and migrates the schema now, inside the lock
+    return client
 
 
 def check_server(uri: str, timeout: float = 5.0) -> None:

@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 CONFIG ?= configs/default.yaml
 ARGS   ?=
 
-.PHONY: setup run test lint clean
+.PHONY: setup run train test lint clean
 
 setup: $(STAMP)
 
@@ -23,6 +23,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: setup
+	HF_HUB_OFFLINE=1 $(PY) -m jobs.pipeline --config $(CONFIG) $(ARGS)
+
+train: setup
 	HF_HUB_OFFLINE=1 $(PY) -m jobs.train --config $(CONFIG) $(ARGS)
 
 test: setup

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 
 from pipeline.errors import PipelineError
 
@@ -32,3 +32,16 @@ def run_job(main: Callable[[], int]) -> None:
         print("interrupted", file=sys.stderr)
         code = 130
     sys.exit(code)
+
+
+def stage_main(description: str, run: Callable) -> int:
+    """A stage job: parse ``--config`` and overrides, run the stage, print where its output is."""
+    import json
+
+    from pipeline.config import load_config
+
+    args = config_parser(description).parse_intermixed_args()
+    result = run(load_config(args.config, args.overrides))
+    print(json.dumps({"run_dir": str(result.run_dir), "model_dir": str(result.model_dir),
+                      "output": str(result.output), **result.metrics}, indent=2))
+    return 0

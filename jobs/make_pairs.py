@@ -7,20 +7,13 @@ Writes a TRL-format JSONL (prompt, chosen, rejected) that data.source can name. 
 
 from __future__ import annotations
 
-import json
-
-from jobs.cli import config_parser, run_job
-from pipeline.config import load_config
+from jobs.cli import run_job, stage_main
 
 
 def main() -> int:
-    args = config_parser(__doc__).parse_intermixed_args()
-    cfg = load_config(args.config, args.overrides)
     from pipeline.stages.pairs import run_make_pairs
 
-    result = run_make_pairs(cfg)
-    print(json.dumps({"pairs_file": str(result.output), **result.metrics}, indent=2))
-    return 0
+    return stage_main(__doc__, run_make_pairs)
 
 
 if __name__ == "__main__":

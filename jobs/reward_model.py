@@ -9,20 +9,13 @@ reward_model.eval_fraction of the pairs and reports their accuracy. The saved mo
 
 from __future__ import annotations
 
-import json
-
-from jobs.cli import config_parser, run_job
-from pipeline.config import load_config
+from jobs.cli import run_job, stage_main
 
 
 def main() -> int:
-    args = config_parser(__doc__).parse_intermixed_args()
-    cfg = load_config(args.config, args.overrides)
     from pipeline.stages.reward_model import run_reward_model
 
-    result = run_reward_model(cfg)
-    print(json.dumps({"run_dir": str(result.run_dir), "model_dir": str(result.model_dir), **result.metrics}, indent=2))
-    return 0
+    return stage_main(__doc__, run_reward_model)
 
 
 if __name__ == "__main__":

@@ -8,20 +8,13 @@ which model.policy can then name. Logs to MLflow.
 
 from __future__ import annotations
 
-import json
-
-from jobs.cli import config_parser, run_job
-from pipeline.config import load_config
+from jobs.cli import run_job, stage_main
 
 
 def main() -> int:
-    args = config_parser(__doc__).parse_intermixed_args()
-    cfg = load_config(args.config, args.overrides)
     from pipeline.stages.sft import run_sft
 
-    result = run_sft(cfg)
-    print(json.dumps({"run_dir": str(result.run_dir), "model_dir": str(result.model_dir), **result.metrics}, indent=2))
-    return 0
+    return stage_main(__doc__, run_sft)
 
 
 if __name__ == "__main__":

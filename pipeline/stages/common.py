@@ -69,6 +69,34 @@ def quiet_train_reports() -> None:
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
+def prepare_worker(stage: StageTrainConfig, model: torch.nn.Module) -> tuple[int, int, Any, Any, Any]:
+    """(rank, world size, the model under DDP, AdamW, the warm-up/decay schedule) in a Ray Train worker."""
+    import ray.train
+    import ray.train.torch
+
+    from pipeline.train.local import warmup_schedule
+
+    context = ray.train.get_context()
+    model = ray.train.torch.prepare_model(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=stage.learning_rate)
+    return (context.get_world_rank(), context.get_world_size(), model, optimizer,
+            warmup_schedule(optimizer, stage.warmup_steps, stage.max_steps))
+
+
+def apply_gradients(loss: torch.Tensor, model: Any, optimizer: Any, scheduler: Any, max_grad_norm: float | None) -> float:
+    """Backward (DDP averages the workers' gradients), clip, step; returns the gradient norm."""
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm or float("inf"))
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(norm)
+
+
+def unwrap(model: Any) -> Any:
+    return model.module if hasattr(model, "module") else model
+
+
 def worker_batches(num_examples: int, stage: StageTrainConfig, rank: int, world: int) -> Iterator[list[int]]:
     """This worker's example indices of each global batch, forever (epochs reshuffled by seed)."""
     from pipeline.train.batches import PairBatches

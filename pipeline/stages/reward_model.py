@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from pipeline.config import RunConfig, save_config
 from pipeline.errors import DataError
+from pipeline.stages.common import StepLog, all_mean, apply_gradients, prepare_worker, unwrap, worker_batches
 from pipeline.stages.sft import StageResult
 
 Pair = tuple[list[int], list[int]]  # (chosen ids, rejected ids), prompt included
@@ -142,38 +143,26 @@ def _reward_loop(config: dict[str, Any]) -> None:
     import json
 
     import ray
-    import ray.train
-    import ray.train.torch
 
-    from pipeline.stages.common import StepLog, all_mean, worker_batches
-    from pipeline.train.local import warmup_schedule
 
     cfg = RunConfig.model_validate(config["cfg"])
     r = cfg.reward_model
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(r.seed)
     train, held_out = ray.get(config["train"]), ray.get(config["held_out"])
     pad = config["pad_token_id"]
-    model = ray.train.torch.prepare_model(load_reward_backbone(config["base"], cfg, pad))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=r.learning_rate)
-    scheduler = warmup_schedule(optimizer, r.warmup_steps, r.max_steps)
+    rank, world, model, optimizer, scheduler = prepare_worker(r, load_reward_backbone(config["base"], cfg, pad))
     batches = worker_batches(len(train), r, rank, world)
     log = StepLog(config, rank, r.max_steps, "reward model")
     model.train()
     for step in range(r.max_steps):
         chosen, rejected = pair_rewards(model, [train[i] for i in next(batches)], pad)
         loss = -F.logsigmoid(chosen - rejected).mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm or float("inf"))
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        apply_gradients(loss, model, optimizer, scheduler, cfg.train.max_grad_norm)
         log.step(step + 1, {"loss": all_mean(loss), "accuracy": all_mean((chosen > rejected).float().mean()),
                             "margin": all_mean((chosen - rejected).mean()), "lr": scheduler.get_last_lr()[0]})
     log.close()
     if rank == 0:
-        plain = model.module if hasattr(model, "module") else model
+        plain = unwrap(model)
         final = {"eval/accuracy": accuracy(plain, held_out, pad, r.batch_size),
                  "train/accuracy": accuracy(plain, train, pad, r.batch_size)}
         folder = Path(config["run_folder"])

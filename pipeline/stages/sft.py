@@ -19,6 +19,7 @@ import torch
 
 from pipeline.config import RunConfig, save_config
 from pipeline.errors import DataError, RowProblem
+from pipeline.stages.common import StepLog, all_mean, apply_gradients, prepare_worker, unwrap, worker_batches
 
 
 @dataclass
@@ -107,25 +108,17 @@ def run_sft(cfg: RunConfig, *, progress: bool = True) -> StageResult:
 
 def _sft_loop(config: dict[str, Any]) -> None:
     import ray
-    import ray.train
-    import ray.train.torch
 
     from pipeline.data.tokenization import collate_sequences
     from pipeline.models.loading import load_causal_lm
-    from pipeline.stages.common import StepLog, all_mean, worker_batches
-    from pipeline.train.local import warmup_schedule
 
     cfg = RunConfig.model_validate(config["cfg"])
     s = cfg.sft
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(s.seed)
     examples = ray.get(config["examples"])
-    model = load_causal_lm(cfg.model.policy, dtype=cfg.model.dtype, revision=cfg.model.revision,
-                           trust_remote_code=cfg.model.trust_remote_code)
-    model = ray.train.torch.prepare_model(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=s.learning_rate)
-    scheduler = warmup_schedule(optimizer, s.warmup_steps, s.max_steps)
+    rank, world, model, optimizer, scheduler = prepare_worker(s, load_causal_lm(
+        cfg.model.policy, dtype=cfg.model.dtype, revision=cfg.model.revision,
+        trust_remote_code=cfg.model.trust_remote_code))
     batches = worker_batches(len(examples), s, rank, world)
     log = StepLog(config, rank, s.max_steps, "sft")
     device = next(model.parameters()).device
@@ -133,14 +126,9 @@ def _sft_loop(config: dict[str, Any]) -> None:
     for step in range(s.max_steps):
         members = [examples[i] for i in next(batches)]
         batch = collate_sequences([e[0] for e in members], [e[1] for e in members], config["pad_token_id"])
-        batch = {k: v.to(device) for k, v in batch.items()}
-        loss = model(**batch, use_cache=False).loss  # mean over this worker's response tokens
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm or float("inf"))
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        log.step(step + 1, {"loss": all_mean(loss), "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm)})
+        loss = model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False).loss  # this worker's token mean
+        grad_norm = apply_gradients(loss, model, optimizer, scheduler, cfg.train.max_grad_norm)
+        log.step(step + 1, {"loss": all_mean(loss), "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm})
     log.close()
     if rank == 0:
-        (model.module if hasattr(model, "module") else model).save_pretrained(Path(config["run_folder"]) / "model")
+        unwrap(model).save_pretrained(Path(config["run_folder"]) / "model")

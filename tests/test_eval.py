@@ -223,3 +223,28 @@ def test_kl_and_entropy_on_samples_match_a_direct_computation(tiny, same_referen
     assert point.samples == 3 and point.length == pytest.approx(sum(scores.tokens) / 3)
     assert point.entropy == pytest.approx(sum(scores.entropy) / sum(scores.tokens))
     assert math.isfinite(point.reward)
+
+
+def test_reward_model_backbone_is_a_causal_lm_or_an_encoder(tmp_path, tiny_model_dir):
+    """jobs.reward_model puts a one-output head on either kind of model, and the result is a reward source."""
+    from transformers import BertConfig, BertModel
+
+    from pipeline.config import RunConfig
+    from pipeline.models.tiny import byte_level_tokenizer
+    from pipeline.stages.reward_model import load_reward_backbone, pad_rows
+
+    tokenizer = byte_level_tokenizer()
+    encoder = tmp_path / "encoder"
+    BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64)).save_pretrained(encoder)
+    tokenizer.save_pretrained(encoder)
+    cfg = RunConfig.model_validate({"model": {"policy": "builtin:tiny"}, "data": {"source": "x"},
+                                    "loss": {"name": "dpo"}})
+    batch = pad_rows([[5, 6, 7], [8, 9]], tokenizer.pad_token_id)
+    for base in (str(tiny_model_dir), str(encoder)):
+        model = load_reward_backbone(base, cfg, tokenizer.pad_token_id)
+        assert model.config.num_labels == 1
+        assert model(**batch).logits.shape == (2, 1)
+        model.save_pretrained(tmp_path / "saved")
+        tokenizer.save_pretrained(tmp_path / "saved")
+        assert len(ClassifierReward(RewardConfig(source=str(tmp_path / "saved"))).score(["a", "bc"])) == 2

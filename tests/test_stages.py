@@ -181,3 +181,10 @@ def test_evaluate_job_on_a_saved_model(tmp_path, tiny_model_dir, tiny_reward_dir
     point = json.loads(done.stdout)
     assert point["eval/samples"] == 3 and point["eval/kl"] == 0.0  # builtin:tiny is also the reference
     assert torch.isfinite(torch.tensor(point["eval/reward"]))
+
+
+@pytest.mark.parametrize("job", ["jobs.sft", "jobs.reward_model", "jobs.make_pairs", "jobs.evaluate", "jobs.pipeline"])
+def test_job_entry_points_parse_and_refuse_bad_config(job):
+    assert run_module(job, "--help").returncode == 0
+    bad = run_module(job, "--config", str(TINY_CONFIG), "loss.beta=-1")
+    assert bad.returncode == 2 and "loss.beta" in bad.stderr and "Traceback" not in bad.stderr

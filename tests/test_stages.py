@@ -146,6 +146,7 @@ def test_pipeline_end_to_end_and_jobs_evaluate(tmp_path, tiny_reward_dir):
     pareto = runs["pipe-pareto"]
     assert {a.path for a in client.list_artifacts(pareto.info.run_id, "pareto")} == {
         "pareto/pareto.png", "pareto/pareto_points.csv", "pareto/pareto_summary.csv"}
+    assert "summary.json" in {a.path for a in client.list_artifacts(pareto.info.run_id)}
     assert {"pareto/hypervolume/dpo", "pareto/hypervolume/tdpo2"} <= pareto.data.metrics.keys()
     points = (result.folder / "pareto" / "pareto_points.csv").read_text().splitlines()
     assert len(points) == 1 + 1 + 2 * 2  # header, the reference, two points per run

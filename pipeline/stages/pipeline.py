@@ -98,9 +98,13 @@ def run_pipeline(cfg: RunConfig, *, progress: bool = True) -> PipelineResult:
     client = MlflowClient(tracking_uri(cfg))
     experiment = client.get_experiment_by_name(cfg.tracking.experiment)
     points = collect_points(client, [experiment.experiment_id], filter_string=f"tags.pipeline = '{pipeline_id}'")
+    from pipeline.tracking import attach_tracker
+
     result.pareto = log_pareto(tagged, points, f"{pipeline_id}-pareto", folder=folder / "pareto")
     result.seconds = time.perf_counter() - started
-    (folder / "summary.json").write_text(json.dumps(summary_record(result), indent=2, default=str), encoding="utf-8")
+    summary = folder / "summary.json"
+    summary.write_text(json.dumps(summary_record(result), indent=2, default=str), encoding="utf-8")
+    attach_tracker(tracking_uri(cfg), result.pareto["run_id"], 0).log_artifact(summary)
     return result
 
 

@@ -195,11 +195,7 @@ def train_loop(config: dict[str, Any]) -> None:
             log.flush()
             tracker.log_metrics(metrics, step=done)
         if evaluator is not None and evaluator.due(done, cfg.train.max_steps):
-            point = evaluate_policy(evaluator, engine, feed, cfg, rank, world).metrics()
-            if log is not None:
-                evals.write(json.dumps({"step": done, **point}) + "\n")
-                evals.flush()
-                tracker.log_metrics(point, step=done)
+            _evaluate(evaluator, engine, feed, cfg, rank, world, done, bar, evals, tracker)
         _report(engine, cfg, done, next_position(batches, position), metrics)
         if bar is not None:
             bar.set_description(f"{cfg.loss.name} loss {metrics['loss']:.4f}")
@@ -211,6 +207,18 @@ def train_loop(config: dict[str, Any]) -> None:
         bar.close()
     if cfg.train.save_model:
         export_model(engine, cfg, run_folder / "model", rank)
+
+
+def _evaluate(evaluator: Any, engine: Any, feed: Any, cfg: RunConfig, rank: int, world: int, step: int,
+              bar: Any, evals: Any, tracker: Any) -> None:
+    """Evaluate now (every rank); rank 0 writes the point to eval.jsonl and MLflow at ``step``."""
+    if bar is not None:
+        bar.set_description(f"{cfg.loss.name} evaluating at step {step}")
+    point = evaluate_policy(evaluator, engine, feed, cfg, rank, world).metrics()
+    if evals is not None:
+        evals.write(json.dumps({"step": step, **point}) + "\n")
+        evals.flush()
+        tracker.log_metrics(point, step=step)
 
 
 def evaluate_policy(evaluator: Any, engine: Any, feed: Any, cfg: RunConfig, rank: int, world: int):

@@ -248,3 +248,25 @@ def test_reward_model_backbone_is_a_causal_lm_or_an_encoder(tmp_path, tiny_model
         model.save_pretrained(tmp_path / "saved")
         tokenizer.save_pretrained(tmp_path / "saved")
         assert len(ClassifierReward(RewardConfig(source=str(tmp_path / "saved"))).score(["a", "bc"])) == 2
+
+
+def test_sft_examples_fit_max_length():
+    from pipeline.stages.sft import fit
+
+    assert fit([1, 2, 3], [4, 5, 9], 10) == ([1, 2, 3], [4, 5, 9])  # fits: untouched
+    assert fit(list(range(8)), [20, 21, 9], 8) == ([3, 4, 5, 6, 7], [20, 21, 9])  # prompt loses its start
+    prompt, response = fit(list(range(10)), list(range(20, 40)), 10)  # both long: prompt keeps half
+    assert prompt == [5, 6, 7, 8, 9] and response == [20, 21, 22, 23, 24]
+
+
+def test_generation_ignores_the_models_own_sampling_defaults(tiny):
+    tokenizer, policy, _ = tiny
+    ids = encode_prompts(tokenizer, ["The film"])
+    gen = GenerationConfig(max_new_tokens=12)
+    plain = sample(policy, tokenizer, ids, gen, seed=3, samples_per_prompt=4).completion_ids
+    saved = policy.generation_config.repetition_penalty
+    policy.generation_config.repetition_penalty = 5.0
+    try:
+        assert sample(policy, tokenizer, ids, gen, seed=3, samples_per_prompt=4).completion_ids == plain
+    finally:
+        policy.generation_config.repetition_penalty = saved

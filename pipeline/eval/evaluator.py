@@ -49,8 +49,10 @@ class Evaluator:
             raise RuntimeError("evaluation needs the reference: no actor handle and no colocated model")
         import ray
 
-        actor = self.reference_actors[rank % len(self.reference_actors)]
-        return lambda batch: ray.get(actor.score_sequences.remote(batch))
+        from pipeline.reference.group import EVALUATION_GROUP
+
+        method = self.reference_actors[rank % len(self.reference_actors)].score_sequences
+        return lambda batch: ray.get(method.options(concurrency_group=EVALUATION_GROUP).remote(batch))
 
     def run(self, policy: Any, reference_logps: ReferenceLogps, rank: int = 0, world: int = 1,
             synced: bool = False, gather: Callable[[SampleScores], list[SampleScores]] | None = None) -> EvalPoint:

@@ -7,6 +7,7 @@ a completion ends with the first EOS it draws (kept) or at ``max_new_tokens``.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,7 +96,7 @@ def sample_batches(model: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[int
             members = list(range(starts[b], min(starts[b] + size, len(prompt_ids)))) if real else [0]
             rows = [prompt_ids[i] for i in members] if prompt_ids else [[tokenizer.eos_token_id]]
             ids, mask = left_pad(rows, tokenizer.pad_token_id)
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), _bare_defaults(model):
                 torch.manual_seed(seed + first_index + b * size)
                 generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                            generation_config=config, synced_gpus=synced)
@@ -108,6 +109,25 @@ def sample_batches(model: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[int
             yield out, real
     finally:
         model.train(was_training)
+
+
+@contextmanager
+def _bare_defaults(model: Any) -> Iterator[None]:
+    """transformers fills every field our config leaves at its default (repetition_penalty,
+    no_repeat_ngram_size, suppress_tokens, ...) from the model's own generation_config; with a bare
+    one in its place for the call, only what :func:`generation_config` sets shapes the samples."""
+    from transformers import GenerationConfig as HFGenerationConfig
+
+    saved = getattr(model, "generation_config", None)
+    if saved is None:
+        yield
+        return
+    model.generation_config = HFGenerationConfig(eos_token_id=saved.eos_token_id, pad_token_id=saved.pad_token_id,
+                                                 bos_token_id=saved.bos_token_id)
+    try:
+        yield
+    finally:
+        model.generation_config = saved
 
 
 def _until_eos(tokens: list[int], eos: int) -> list[int]:

@@ -6,7 +6,8 @@
                   Hub name such as a sentiment classifier): a single-output model's score, or the
                   log-odds ``log p(label) - log(1 - p(label))`` of ``reward.label`` for a classifier
 
-Texts are prompt + completion: the whole review, as the papers' classifier sees it.
+Texts are prompt + completion: the whole review, as the papers' classifier sees it. A text longer
+than ``reward.max_length`` tokens is cut from the left, so the completion is always scored.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ class ClassifierReward:
             raise ModelLoadError(f"could not load reward model '{cfg.source}': {type(e).__name__}: {e}") from None
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.tokenizer.truncation_side = "left"  # a text over max_length loses prompt, not completion
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.column = label_column(self.model.config, cfg.label, cfg.source)
         self.batch_size = cfg.batch_size

@@ -32,6 +32,10 @@ class EvaluationActor:
         self.tokenizer = load_tokenizer(m.tokenizer_spec, revision=m.revision, trust_remote_code=m.trust_remote_code)
         self.policy = load_causal_lm(policy, **load)
         self.reference = self.policy if policy == m.reference_spec else load_causal_lm(m.reference_spec, **load)
+        import torch
+
+        if torch.cuda.is_available() and run.reference.gpus_per_actor > 0:
+            self.policy, self.reference = self.policy.cuda(), self.reference.cuda()
         self.evaluator = build_evaluator(run, self.tokenizer)
 
     def evaluate(self) -> EvalPoint:

@@ -30,6 +30,8 @@ from pipeline.reference.cache import ChunkPlan, ReferenceCache
 from pipeline.reference.scorer import ReferenceScorer, batch_order
 from pipeline.reference.stats import SequenceStats
 
+EVALUATION_GROUP = "evaluation"
+
 
 class ReferenceActor:
     """Holds one copy of the frozen reference model. Plain class; :class:`ReferenceGroup` makes it an actor."""
@@ -94,7 +96,9 @@ class ReferenceGroup:
 
         r = cfg.reference
         restarts = r.max_restarts
-        actor_cls = ray.remote(ReferenceActor).options(
+        # Evaluation calls (score_sequences) get their own thread: every chunk of the run is queued on
+        # the default group at the start, and an evaluation must not wait behind all of them.
+        actor_cls = ray.remote(concurrency_groups={EVALUATION_GROUP: 1})(ReferenceActor).options(
             num_cpus=r.cpus_per_actor, num_gpus=r.gpus_per_actor, max_restarts=restarts,
             max_task_retries=-1 if restarts != 0 else 0,
         )

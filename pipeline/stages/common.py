@@ -57,6 +57,14 @@ def check_cluster(stage: StageTrainConfig) -> None:
             + f" for {stage.num_workers} worker(s) x {stage.cpus_per_worker:g} CPU (use_gpu={stage.use_gpu})")
 
 
+def check_batches(num_examples: int, stage: StageTrainConfig, what: str) -> None:
+    """On the driver, before any model loads: one global batch must fit in the data."""
+    need = stage.batch_size * stage.num_workers
+    if num_examples < need:
+        raise PipelineError(f"{num_examples} {what} are fewer than one global batch "
+                            f"(batch_size {stage.batch_size} x num_workers {stage.num_workers} = {need})")
+
+
 def quiet_train_reports() -> None:
     """Ray Train V2 logs every ``ray.train.report`` call (the whole metrics dict) at INFO from each
     worker; progress bars and MLflow already carry those numbers. Its logger is named by file path."""

@@ -63,6 +63,8 @@ def run_pipeline(cfg: RunConfig, *, progress: bool = True) -> PipelineResult:
     from pipeline.train.distributed import connect_ray, storage_root, train_distributed
     from pipeline.train.local import train_local
 
+    if not cfg.tracking.enabled:
+        raise ConfigError("jobs.pipeline needs tracking.enabled=true: the fronts are built from the MLflow runs")
     started = time.perf_counter()
     pipeline_id = cfg.output.run_name or f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}"
     folder = storage_root(cfg) / pipeline_id

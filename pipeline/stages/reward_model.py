@@ -26,6 +26,7 @@ from pipeline.stages.common import StepLog, all_mean, apply_gradients, prepare_w
 from pipeline.stages.sft import StageResult
 
 Pair = tuple[list[int], list[int]]  # (chosen ids, rejected ids), prompt included
+TRAIN_ACCURACY_PAIRS = 1024  # the training accuracy is measured on the first (shuffled) pairs, not all
 
 
 def reward_pairs(cfg: RunConfig, tokenizer: Any) -> tuple[list[Pair], list[Pair]]:
@@ -106,7 +107,7 @@ def run_reward_model(cfg: RunConfig, *, progress: bool = True) -> StageResult:
     import ray
 
     from pipeline.models.loading import load_tokenizer
-    from pipeline.stages.common import check_cluster, fit_stage, read_jsonl
+    from pipeline.stages.common import check_batches, check_cluster, fit_stage, read_jsonl
     from pipeline.tracking import flatten, open_tracker
     from pipeline.train.distributed import connect_ray, storage_root
 
@@ -119,6 +120,7 @@ def run_reward_model(cfg: RunConfig, *, progress: bool = True) -> StageResult:
     tokenizer = load_tokenizer(cfg.model.tokenizer if cfg.model.tokenizer else base, revision=cfg.model.revision,
                                trust_remote_code=cfg.model.trust_remote_code)
     train, held_out = reward_pairs(cfg, tokenizer)
+    check_batches(len(train), r, "training pairs")
     with open_tracker(cfg, name, tags={"stage": "reward_model"}) as tracker:
         tracker.log_params(flatten({"reward_model": r.model_dump(mode="json"), "data.source": r.source or cfg.data.source}))
         tracker.log_params({"reward_model.base_resolved": base, "reward_model.train_pairs": len(train),
@@ -164,7 +166,7 @@ def _reward_loop(config: dict[str, Any]) -> None:
     if rank == 0:
         plain = unwrap(model)
         final = {"eval/accuracy": accuracy(plain, held_out, pad, r.batch_size),
-                 "train/accuracy": accuracy(plain, train, pad, r.batch_size)}
+                 "train/accuracy": accuracy(plain, train[:TRAIN_ACCURACY_PAIRS], pad, r.batch_size)}
         folder = Path(config["run_folder"])
         (folder / "final.jsonl").write_text(json.dumps(final) + "\n", encoding="utf-8")
         plain.save_pretrained(folder / "model")

@@ -47,24 +47,24 @@ def sft_examples(cfg: RunConfig, tokenizer: Any) -> list[tuple[list[int], list[i
             problems.append(RowProblem(number, "(row)", record.message))
             continue
         text, prompt, response = record.get("text"), record.get("prompt"), record.get("completion")
+        special = True  # plain text gets the tokenizer's special tokens (e.g. BOS); a chat template has its own
         if response is None and "chosen" in record:  # a preference row: learn its chosen response
             example = normalize_record(number, record)
             if isinstance(example, list):
                 problems.extend(example)
                 continue
             prompt, response, _ = renderer.render(example)
+            special = not example.conversational
         if isinstance(text, str) and text.strip():
             prompt_ids, response_ids = [], tokenizer(text, add_special_tokens=True)["input_ids"]
         elif isinstance(prompt, str) and isinstance(response, str) and response.strip():
-            prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+            prompt_ids = tokenizer(prompt, add_special_tokens=special)["input_ids"]
             response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
         else:
             problems.append(RowProblem(number, "(row)", "needs a text field 'text', 'prompt' with 'completion', "
                                                         "or a preference row (its chosen response is learned)"))
             continue
-        response_ids = list(response_ids) + [eos]
-        prompt_ids = list(prompt_ids)[-(s.max_length // 2):] if len(prompt_ids) >= s.max_length else list(prompt_ids)
-        examples.append((prompt_ids, response_ids[: s.max_length - len(prompt_ids)]))
+        examples.append(fit(list(prompt_ids), list(response_ids) + [eos], s.max_length))
     if problems:
         raise DataError(f"{len(problems)} bad row(s) in SFT data", problems, source=s.source)
     if not examples:
@@ -72,12 +72,21 @@ def sft_examples(cfg: RunConfig, tokenizer: Any) -> list[tuple[list[int], list[i
     return examples
 
 
+def fit(prompt: list[int], response: list[int], max_length: int) -> tuple[list[int], list[int]]:
+    """Cut an example to ``max_length`` tokens: the prompt loses its start, down to what the response
+    leaves or half the budget, whichever is more; the response then loses its end."""
+    budget = max(max_length // 2, max_length - len(response))
+    if len(prompt) > budget:
+        prompt = prompt[-budget:]
+    return prompt, response[: max_length - len(prompt)]
+
+
 def run_sft(cfg: RunConfig, *, progress: bool = True) -> StageResult:
     """Validate the data, then fine-tune ``model.policy`` on Ray Train workers; returns where the model is."""
     import ray
 
     from pipeline.models.loading import load_tokenizer
-    from pipeline.stages.common import check_cluster, fit_stage, read_jsonl
+    from pipeline.stages.common import check_batches, check_cluster, fit_stage, read_jsonl
     from pipeline.tracking import flatten, open_tracker
     from pipeline.train.distributed import connect_ray, storage_root
 
@@ -88,6 +97,7 @@ def run_sft(cfg: RunConfig, *, progress: bool = True) -> StageResult:
     save_config(cfg, run_folder)
     tokenizer = load_tokenizer(m.tokenizer_spec, revision=m.revision, trust_remote_code=m.trust_remote_code)
     examples = sft_examples(cfg, tokenizer)
+    check_batches(len(examples), cfg.sft, "SFT examples")
     with open_tracker(cfg, name, tags={"stage": "sft"}) as tracker:
         tracker.log_params(flatten({"model": cfg.model.model_dump(mode="json"), "sft": cfg.sft.model_dump(mode="json")}))
         tracker.log_params({"sft.examples": len(examples)})

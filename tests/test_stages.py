@@ -175,13 +175,17 @@ def test_pipeline_refuses_a_bad_run_entry_before_any_work(tmp_path):
 
 
 def test_evaluate_job_on_a_saved_model(tmp_path, tiny_model_dir, tiny_reward_dir):
-    done = run_module("jobs.evaluate", "--config", str(TINY_CONFIG), f"output.dir={tmp_path}",
-                      "--model", str(tiny_model_dir), f"eval.reward.source={tiny_reward_dir}", "eval.num_prompts=3",
-                      "eval.generation.max_new_tokens=6")
+    common = ["--config", str(TINY_CONFIG), f"output.dir={tmp_path}", f"eval.reward.source={tiny_reward_dir}",
+              "eval.num_prompts=3", "eval.generation.max_new_tokens=6"]
+    unnamed = run_module("jobs.evaluate", *common, "--model", str(tiny_model_dir))
+    assert unnamed.returncode == 2 and "--method" in unnamed.stderr  # a trained model is not the baseline
+    done = run_module("jobs.evaluate", *common, "--model", "builtin:tiny")  # the reference itself
     assert done.returncode == 0, done.stderr
     point = json.loads(done.stdout)
-    assert point["eval/samples"] == 3 and point["eval/kl"] == 0.0  # builtin:tiny is also the reference
+    assert point["eval/samples"] == 3 and point["eval/kl"] == 0.0
     assert torch.isfinite(torch.tensor(point["eval/reward"]))
+    _, runs = mlflow_runs(tmp_path)
+    assert runs["evaluate-reference"].data.tags["method"] == "reference"
 
 
 @pytest.mark.parametrize("job", ["jobs.sft", "jobs.reward_model", "jobs.make_pairs", "jobs.evaluate", "jobs.pipeline"])

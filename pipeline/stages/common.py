@@ -45,16 +45,11 @@ def fit_stage(name: str, loop: Callable[[dict[str, Any]], None], loop_config: di
 
 
 def check_cluster(stage: StageTrainConfig) -> None:
-    """Refuse a run the cluster can never hold (Ray would wait for resources forever)."""
-    import ray
+    """Refuse a stage the cluster can never hold (Ray would wait for resources forever)."""
+    from pipeline.train.distributed import require_resources
 
-    have = ray.cluster_resources()
-    need = {"CPU": stage.num_workers * stage.cpus_per_worker, "GPU": stage.num_workers * int(stage.use_gpu)}
-    short = {k: v for k, v in need.items() if v > have.get(k, 0) + 1e-9}
-    if short:
-        raise PipelineError("the Ray cluster is too small: needs " + ", ".join(
-            f"{v:g} {k} (has {have.get(k, 0):g})" for k, v in short.items())
-            + f" for {stage.num_workers} worker(s) x {stage.cpus_per_worker:g} CPU (use_gpu={stage.use_gpu})")
+    require_resources({"CPU": stage.num_workers * stage.cpus_per_worker, "GPU": stage.num_workers * int(stage.use_gpu)},
+                      f"{stage.num_workers} worker(s) x {stage.cpus_per_worker:g} CPU (use_gpu={stage.use_gpu})")
 
 
 def check_batches(num_examples: int, stage: StageTrainConfig, what: str) -> None:

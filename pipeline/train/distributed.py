@@ -57,24 +57,28 @@ def connect_ray(address: str | None) -> None:
         raise PipelineError(f"cannot connect to Ray at {address or 'a new local instance'}: {e}") from None
 
 
-def check_resources(cfg: RunConfig, actors: int) -> None:
-    """Fail now, naming the settings, when the cluster can never hold the workers and actors
-    (Ray would otherwise wait for resources forever)."""
+def require_resources(need: dict[str, float], what: str) -> None:
+    """Fail now, naming the settings, when the cluster can never hold ``need`` (CPU, GPU):
+    Ray would otherwise wait for resources forever."""
     import ray
 
-    d, r = cfg.distributed, cfg.reference
-    need = {"CPU": d.num_workers * d.cpus_per_worker + actors * r.cpus_per_actor,
-            "GPU": d.num_workers * int(d.use_gpu) + actors * r.gpus_per_actor}
     have = ray.cluster_resources()
     short = {k: v for k, v in need.items() if v > have.get(k, 0) + 1e-9}
     if short:
-        raise PipelineError(
-            "the Ray cluster is too small for this run: needs "
-            + ", ".join(f"{v:g} {k} (has {have.get(k, 0):g})" for k, v in short.items())
-            + f" for {d.num_workers} worker(s) x distributed.cpus_per_worker={d.cpus_per_worker:g}"
-            + f" (use_gpu={d.use_gpu}) and {actors} reference actor(s) x reference.cpus_per_actor="
-            + f"{r.cpus_per_actor:g}, gpus_per_actor={r.gpus_per_actor:g}"
-        )
+        raise PipelineError("the Ray cluster is too small for this run: needs "
+                            + ", ".join(f"{v:g} {k} (has {have.get(k, 0):g})" for k, v in short.items())
+                            + f" for {what}")
+
+
+def check_resources(cfg: RunConfig, actors: int) -> None:
+    """The training workers and ``actors`` reference actors must fit in the cluster."""
+    d, r = cfg.distributed, cfg.reference
+    require_resources(
+        {"CPU": d.num_workers * d.cpus_per_worker + actors * r.cpus_per_actor,
+         "GPU": d.num_workers * int(d.use_gpu) + actors * r.gpus_per_actor},
+        f"{d.num_workers} worker(s) x distributed.cpus_per_worker={d.cpus_per_worker:g} (use_gpu={d.use_gpu})"
+        f" and {actors} reference actor(s) x reference.cpus_per_actor={r.cpus_per_actor:g},"
+        f" gpus_per_actor={r.gpus_per_actor:g}")
 
 
 @dataclass

@@ -57,10 +57,11 @@ class Evaluator:
     def run(self, policy: Any, reference_logps: ReferenceLogps, rank: int = 0, world: int = 1,
             synced: bool = False, gather: Callable[[SampleScores], list[SampleScores]] | None = None) -> EvalPoint:
         start, end = shard(len(self.prompt_ids), rank, world)
+        # ZeRO-3: a rank with fewer batches runs dummy ones up to the most any rank has (lockstep)
         batches = math.ceil(math.ceil(len(self.prompt_ids) / world) / self.cfg.generation.batch_size)
         scores = sample_and_score(policy, self.tokenizer, self.prompts, self.prompt_ids[start:end], self.cfg,
                                   self.reward(), reference_logps, first_index=start, synced=synced,
-                                  batches=batches)
+                                  batches=batches if synced else None)
         if gather is not None:
             merged = SampleScores()
             for part in gather(scores):

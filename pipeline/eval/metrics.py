@@ -68,14 +68,27 @@ def policy_scores(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Ten
     return tokenstats.segment_sum(token, index), tokenstats.segment_sum(entropy, index)
 
 
-def score_samples(policy: Any, tokenizer: Any, samples: Samples, prompts: Sequence[str],
-                  reward: RewardSource, reference_logps: ReferenceLogps) -> SampleScores:
+def completion_rewards(tokenizer: Any, samples: Samples, prompts: Sequence[str], reward: RewardSource,
+                       first_index: int = 0) -> tuple[list[str], list[float]]:
+    """(decoded completions, their rewards on prompt + completion); sample i continues
+    ``prompts[samples.prompt_index[i] - first_index]``."""
+    texts = [tokenizer.decode(c, skip_special_tokens=True) for c in samples.completion_ids]
+    rewards = reward.score([prompts[i - first_index] + t for i, t in zip(samples.prompt_index, texts, strict=True)])
+    return texts, rewards
+
+
+def _policy_on(policy: Any, tokenizer: Any, samples: Samples) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """The samples collated (on CPU), and the policy's summed log-probs and entropies on them."""
     device = next(policy.parameters()).device
     batch = collate_sequences(samples.prompt_ids, samples.completion_ids, tokenizer.pad_token_id)
-    logps, entropy = policy_scores(policy, {k: v.to(device) for k, v in batch.items()})
+    return (batch, *policy_scores(policy, {k: v.to(device) for k, v in batch.items()}))
+
+
+def score_samples(policy: Any, tokenizer: Any, samples: Samples, prompts: Sequence[str],
+                  reward: RewardSource, reference_logps: ReferenceLogps) -> SampleScores:
+    batch, logps, entropy = _policy_on(policy, tokenizer, samples)
     kl = logps.double().cpu() - reference_logps(batch).double().cpu()
-    texts = [tokenizer.decode(c, skip_special_tokens=True) for c in samples.completion_ids]
-    rewards = reward.score([prompts[i] + t for i, t in zip(samples.prompt_index, texts, strict=True)])
+    texts, rewards = completion_rewards(tokenizer, samples, prompts, reward)
     return SampleScores(reward=rewards, kl=kl.tolist(), entropy=entropy.double().cpu().tolist(),
                         tokens=[len(c) for c in samples.completion_ids], texts=texts)
 
@@ -93,8 +106,7 @@ def sample_and_score(policy: Any, tokenizer: Any, prompts: Sequence[str], prompt
         if real:
             scores.extend(score_samples(policy, tokenizer, samples, prompts, reward, reference_logps))
         else:  # keep ZeRO-3 ranks in lockstep: the same number of policy forwards everywhere
-            policy_scores(policy, {k: v.to(next(policy.parameters()).device) for k, v in collate_sequences(
-                samples.prompt_ids, samples.completion_ids, tokenizer.pad_token_id).items()})
+            _policy_on(policy, tokenizer, samples)
     return scores
 
 

@@ -44,12 +44,12 @@ class PairGenerator:
     def generate(self, first: int, prompts: list[str], prompt_ids: list[list[int]]) -> list[dict[str, Any]]:
         """Every prompt's completions and rewards: [{"index", "prompt", "completions", "rewards"}, ...]."""
         from pipeline.eval.generation import sample
+        from pipeline.eval.metrics import completion_rewards
 
         k = self.pairs.samples_per_prompt
         samples = sample(self.model, self.tokenizer, prompt_ids, self.pairs.generation, seed=self.pairs.seed,
                          samples_per_prompt=k, first_index=first)
-        texts = [self.tokenizer.decode(c, skip_special_tokens=True) for c in samples.completion_ids]
-        rewards = self.reward.score([prompts[i - first] + t for i, t in zip(samples.prompt_index, texts, strict=True)])
+        texts, rewards = completion_rewards(self.tokenizer, samples, prompts, self.reward, first)
         out = []
         for j, prompt in enumerate(prompts):
             rows = range(j * k, (j + 1) * k)

@@ -42,17 +42,9 @@ def main() -> int:
         point, run_id = evaluate_model(cfg, args.model, args.name or f"evaluate-{args.method}", method=args.method)
         print(json.dumps({"run_id": run_id, **point.metrics()}, indent=2))
         return 0
-    from mlflow.tracking import MlflowClient
+    from pipeline.eval.runs import experiment_points, log_pareto
 
-    from pipeline.errors import PipelineError
-    from pipeline.eval.runs import collect_points, log_pareto
-    from pipeline.tracking import tracking_uri
-
-    client = MlflowClient(tracking_uri(cfg))
-    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
-    if experiment is None:
-        raise PipelineError(f"no MLflow experiment {cfg.tracking.experiment!r} at {tracking_uri(cfg)}")
-    points = collect_points(client, [experiment.experiment_id], args.runs, args.filter)
+    points = experiment_points(cfg, args.runs, args.filter)
     report = log_pareto(cfg, points, args.name)
     print(json.dumps({"run_id": report["run_id"], "reference_point": report["reference_point"],
                       "methods": [s.__dict__ for s in report["summary"]], "files": report["files"]}, indent=2))

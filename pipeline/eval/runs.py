@@ -97,6 +97,19 @@ def collect_points(client: Any, experiment_ids: Sequence[str], run_ids: Sequence
     return points
 
 
+def experiment_points(cfg: RunConfig, run_ids: Sequence[str] | None = None, filter_string: str = "") -> list[Point]:
+    """:func:`collect_points` over the configured tracking store and experiment."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import tracking_uri
+
+    client = MlflowClient(tracking_uri(cfg))
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    if experiment is None:
+        raise PipelineError(f"no MLflow experiment {cfg.tracking.experiment!r} at {tracking_uri(cfg)}")
+    return collect_points(client, [experiment.experiment_id], run_ids, filter_string)
+
+
 def log_pareto(cfg: RunConfig, points: Sequence[Point], name: str | None = None, *,
                tracker: Any = None, folder: Path | None = None) -> dict[str, Any]:
     """Fronts, hypervolumes, plot and tables as artifacts (under ``pareto/``) and metrics

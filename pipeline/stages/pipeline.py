@@ -56,10 +56,10 @@ def run_configs(cfg: RunConfig, pipeline_id: str, pairs_file: Path) -> list[RunC
 def run_pipeline(cfg: RunConfig, *, progress: bool = True) -> PipelineResult:
     from pipeline.eval.evaluator import build_evaluator
     from pipeline.eval.rewards import check_reward
-    from pipeline.eval.runs import collect_points, evaluate_model, log_pareto
+    from pipeline.eval.runs import evaluate_model, experiment_points, log_pareto
     from pipeline.models.loading import load_tokenizer
     from pipeline.stages.pairs import run_make_pairs
-    from pipeline.tracking import tracking_uri
+    from pipeline.tracking import attach_tracker, tracking_uri
     from pipeline.train.distributed import connect_ray, storage_root, train_distributed
     from pipeline.train.local import train_local
 
@@ -94,14 +94,8 @@ def run_pipeline(cfg: RunConfig, *, progress: bool = True) -> PipelineResult:
         result.runs.append({"run": run.output.run_name, "method": run.loss.name, "beta": run.loss.beta,
                             "alpha": run.loss.alpha if run.loss.name == "tdpo2" else None,
                             "final_loss": trained.history[-1]["loss"], "seconds_per_step": trained.seconds_per_step,
-                            **{k: v for k, v in final.items()}})
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri(cfg))
-    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
-    points = collect_points(client, [experiment.experiment_id], filter_string=f"tags.pipeline = '{pipeline_id}'")
-    from pipeline.tracking import attach_tracker
-
+                            **final})
+    points = experiment_points(cfg, filter_string=f"tags.pipeline = '{pipeline_id}'")
     result.pareto = log_pareto(tagged, points, f"{pipeline_id}-pareto", folder=folder / "pareto")
     result.seconds = time.perf_counter() - started
     summary = folder / "summary.json"

@@ -285,6 +285,40 @@ class PipelineConfig(_Strict):
     pareto: ParetoConfig = ParetoConfig()
 
 
+class AshaConfig(_Strict):
+    """Early stopping of sweep trials (Ray Tune's ASHA) on one scalar the trials report."""
+
+    enabled: bool = False
+    metric: str = Field("eval/reward", min_length=1, description="a metric the trials report, e.g. eval/reward, loss")
+    mode: Literal["max", "min"] = "max"
+    grace_period: int = Field(1, ge=1, description="optimizer steps every trial runs before it can be stopped")
+    reduction_factor: float = Field(2.0, gt=1)
+
+
+class SweepConfig(_Strict):
+    """jobs.sweep: Ray Tune over dotted config keys, one full training run per trial.
+
+    space maps a dotted key to its candidates:
+      [a, b, ...]              grid search values (search: grid), a categorical choice otherwise
+      {choice: [a, b, ...]}    a categorical choice
+      {uniform: [low, high]}   {loguniform: [low, high]}   {randint: [low, high]}  (high exclusive)
+    """
+
+    space: dict[str, Any] = Field(
+        default_factory=lambda: {"loss.name": ["dpo", "tdpo2"], "loss.beta": [0.1, 0.5]},
+        min_length=1,
+    )
+    search: Literal["grid", "random", "optuna"] = Field(
+        "grid", description="optuna: multi-objective TPE (maximise eval/reward, minimise eval/kl)")
+    num_samples: int = Field(1, ge=1, description="grid: repeats of the whole grid; random/optuna: trials")
+    max_concurrent_trials: int = Field(1, ge=1)
+    trial_cpus: float = Field(0.0, ge=0, description="CPUs of each trial's driver; its workers and actors ask for their own")
+    seed: int = Field(0, ge=0, description="seed of the random and optuna searches")
+    kl_budget: float | None = Field(None, gt=0, description="best config per method: highest reward at KL <= this")
+    evaluate_reference: bool = Field(True, description="evaluate the untrained reference once, on the parent run")
+    asha: AshaConfig = AshaConfig()
+
+
 class RunConfig(_Strict):
     model: ModelConfig
     data: DataConfig
@@ -299,6 +333,7 @@ class RunConfig(_Strict):
     sft: SFTConfig = SFTConfig()
     reward_model: RewardModelConfig = RewardModelConfig()
     pipeline: PipelineConfig = PipelineConfig()
+    sweep: SweepConfig = SweepConfig()
 
     @property
     def workers(self) -> int:

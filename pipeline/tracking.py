@@ -117,8 +117,10 @@ class Tracker:
         self.end("FINISHED" if exc_type is None else ("KILLED" if exc_type is KeyboardInterrupt else "FAILED"))
 
 
-def open_tracker(cfg: RunConfig, run_name: str, *, rank: int = 0, tags: dict[str, str] | None = None) -> Tracker:
-    """Start the run on rank 0 (checking the store answers first); a no-op tracker elsewhere or when disabled."""
+def open_tracker(cfg: RunConfig, run_name: str, *, rank: int = 0, tags: dict[str, str] | None = None,
+                 run_id: str | None = None) -> Tracker:
+    """Start the run on rank 0 (checking the store answers first); a no-op tracker elsewhere or when disabled.
+    ``run_id``: reopen that run instead (a resumed sweep trial or sweep), marked RUNNING again."""
     uri = tracking_uri(cfg)
     if rank != 0 or not cfg.tracking.enabled:
         return Tracker(None, None, uri)
@@ -129,6 +131,12 @@ def open_tracker(cfg: RunConfig, run_name: str, *, rank: int = 0, tags: dict[str
     elif uri.startswith(("http://", "https://")):
         check_server(uri)
     client = _client(uri, database)
+    if run_id is not None:
+        try:
+            client.update_run(run_id, status="RUNNING")
+        except Exception as e:
+            raise TrackingError(f"MLflow run {run_id} at {_safe(uri)} cannot be reopened: {type(e).__name__}: {e}") from None
+        return Tracker(client, run_id, uri)
     try:
         experiment = client.get_experiment_by_name(cfg.tracking.experiment)
         if experiment is None:
@@ -139,6 +147,22 @@ def open_tracker(cfg: RunConfig, run_name: str, *, rank: int = 0, tags: dict[str
     except Exception as e:  # connection refused, bad URI, read-only store: all fatal here, before training
         raise TrackingError(f"MLflow tracking store at {_safe(uri)} cannot be used: {type(e).__name__}: {e}") from None
     return Tracker(client, run.info.run_id, uri)
+
+
+def find_run(cfg: RunConfig, tags: dict[str, str]) -> Any | None:
+    """The one live run of cfg's experiment carrying all ``tags`` (a sweep's parent, a trial), or None."""
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri(cfg)
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    if experiment is None:
+        return None
+    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    runs = client.search_runs([experiment.experiment_id], query, max_results=2)
+    if len(runs) > 1:
+        raise TrackingError(f"{len(runs)} MLflow runs carry the tags {tags}; expected at most one")
+    return runs[0] if runs else None
 
 
 def attach_tracker(uri: str, run_id: str | None, rank: int) -> Tracker:

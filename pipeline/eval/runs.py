@@ -43,10 +43,9 @@ class EvaluationActor:
 
 
 def evaluate_model(cfg: RunConfig, policy: str, name: str, *, method: str = REFERENCE_METHOD,
-                   step: int = 0) -> tuple[EvalPoint, str | None]:
-    """Evaluate ``policy`` (a model spec) against cfg's reference on a Ray actor; log one MLflow run."""
-    import ray
-
+                   step: int = 0, tracker: Any = None) -> tuple[EvalPoint, str | None]:
+    """Evaluate ``policy`` (a model spec) against cfg's reference on a Ray actor; log one MLflow run,
+    or log the point into ``tracker``'s run (a sweep's parent run holds its reference point)."""
     from pipeline.eval.evaluator import build_evaluator
     from pipeline.models.loading import load_tokenizer, resolve
     from pipeline.tracking import flatten, open_tracker
@@ -55,19 +54,30 @@ def evaluate_model(cfg: RunConfig, policy: str, name: str, *, method: str = REFE
     m = cfg.model
     resolve(policy)  # a missing folder fails here, before Ray
     build_evaluator(cfg, load_tokenizer(m.tokenizer_spec, revision=m.revision, trust_remote_code=m.trust_remote_code))
-    with open_tracker(cfg, name, tags={"method": method, "stage": "evaluate"}) as tracker:
-        tracker.log_params(flatten({"policy": policy, "model": m.model_dump(mode="json"),
-                                    "eval": cfg.eval.model_dump(mode="json")}))
+    if tracker is not None:
         connect_ray(cfg.distributed.address)
-        actor = ray.remote(EvaluationActor).options(num_cpus=cfg.reference.cpus_per_actor,
-                                                    num_gpus=cfg.reference.gpus_per_actor)
-        handle = actor.remote(cfg.model_dump(mode="json"), policy)
-        try:
-            point = ray.get(handle.evaluate.remote())
-        finally:
-            ray.kill(handle)
+        point = _evaluate_on_actor(cfg, policy)
         tracker.log_metrics(point.metrics(), step=step)
         return point, tracker.run_id
+    with open_tracker(cfg, name, tags={"method": method, "stage": "evaluate"}) as own:
+        own.log_params(flatten({"policy": policy, "model": m.model_dump(mode="json"),
+                                "eval": cfg.eval.model_dump(mode="json")}))
+        connect_ray(cfg.distributed.address)
+        point = _evaluate_on_actor(cfg, policy)
+        own.log_metrics(point.metrics(), step=step)
+        return point, own.run_id
+
+
+def _evaluate_on_actor(cfg: RunConfig, policy: str) -> EvalPoint:
+    import ray
+
+    actor = ray.remote(EvaluationActor).options(num_cpus=cfg.reference.cpus_per_actor,
+                                                num_gpus=cfg.reference.gpus_per_actor)
+    handle = actor.remote(cfg.model_dump(mode="json"), policy)
+    try:
+        return ray.get(handle.evaluate.remote())
+    finally:
+        ray.kill(handle)
 
 
 def run_label(params: dict[str, str], method: str) -> str:

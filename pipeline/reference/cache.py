@@ -9,7 +9,10 @@ tokenizer, max lengths and truncation are all in it), the reference model's
 identity and weight files, its dtype, and the statistics kind (sequence /
 exact with storage dtype / top-k with k). A second run, a resumed run, or
 another sweep trial with the same key reads the chunks instead of running the
-reference model. Chunks are written to a temporary name and renamed, so a
+reference model. Token-level chunks (exact, topk) also hold every sequence's summed
+log-prob, computed exactly as the sequence kind computes it, so a DPO-family run
+reads the sums of a complete token-level cache instead of a pass of its own
+(:func:`usable_cache`): one reference pass serves a sweep over DPO and TDPO. Chunks are written to a temporary name and renamed, so a
 crash never leaves a partial chunk under a valid name; a chunk that does not
 read back is recomputed.
 """
@@ -97,11 +100,12 @@ class ChunkPlan:
 class ReferenceCache:
     """One fingerprint's directory of chunks. Safe to share between processes on a shared filesystem."""
 
-    def __init__(self, root: str | Path, fingerprint: str, kind: str, plan: ChunkPlan):
+    def __init__(self, root: str | Path, fingerprint: str, kind: str, plan: ChunkPlan, view: str | None = None):
         self.dir = Path(root) / "reference-cache" / fingerprint
         self.fingerprint = fingerprint
         self.kind = kind
         self.plan = plan
+        self.view = view or kind  # "sequence": read only the summed log-probs of a token-level cache
 
     def create(self, meta: dict[str, Any]) -> ReferenceCache:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -137,9 +141,32 @@ class ReferenceCache:
         _atomic_write(self.path(chunk), save(tensors, metadata={"kind": stats.kind, "fingerprint": self.fingerprint}))
 
     def read(self, chunk: int) -> SequenceStats:
+        from safetensors import safe_open
         from safetensors.torch import load_file
 
-        return SequenceStats.from_tensors(self.kind, load_file(self.path(chunk)))
+        if self.view == self.kind:
+            return SequenceStats.from_tensors(self.kind, load_file(self.path(chunk)))
+        with safe_open(self.path(chunk), "pt") as f:  # the sums only: exact chunks are hundreds of MB
+            return SequenceStats(self.view, f.get_tensor("logps"), f.get_tensor("lengths"))
+
+
+def token_level_kind(cfg: RunConfig) -> str:
+    """The statistics a token-level loss would need under cfg's reference mode."""
+    return "topk" if cfg.reference.mode == "topk" else "exact"
+
+
+def usable_cache(cfg: RunConfig, pairs: Sequence[TokenizedPair], kind: str, plan: ChunkPlan, root: str | Path,
+                 chunks: Sequence[int]) -> ReferenceCache:
+    """The cache a run reads: for the sequence kind, a token-level cache of the same pairs and reference
+    that already holds every chunk in ``chunks`` (read as sums); otherwise the run's own kind."""
+    if kind == "sequence":
+        wide = token_level_kind(cfg)
+        fingerprint, _ = cache_key(cfg, pairs, wide)
+        shared = ReferenceCache(root, fingerprint, wide, plan, view="sequence")
+        if shared.dir.is_dir() and all(shared.valid(c) for c in chunks):
+            return shared
+    fingerprint, meta = cache_key(cfg, pairs, kind)
+    return ReferenceCache(root, fingerprint, kind, plan).create(meta)
 
 
 def _atomic_write(path: Path, payload: bytes) -> None:

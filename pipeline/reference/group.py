@@ -101,6 +101,9 @@ class ReferenceGroup:
         actor_cls = ray.remote(concurrency_groups={EVALUATION_GROUP: 1})(ReferenceActor).options(
             num_cpus=r.cpus_per_actor, num_gpus=r.gpus_per_actor, max_restarts=restarts,
             max_task_retries=-1 if restarts != 0 else 0,
+            # Outside any placement group: inside a Tune trial Ray would otherwise place the actors in
+            # the trial's own (tiny) bundle, where they do not fit.
+            scheduling_strategy="DEFAULT",
         )
         self.actors = [actor_cls.remote(cfg.model_dump(mode="json"), kind, pad_token_id, cache, i, faults)
                        for i in range(r.num_actors)]

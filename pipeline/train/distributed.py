@@ -27,7 +27,7 @@ import torch
 from pipeline.config import RunConfig, save_config
 from pipeline.errors import PipelineError
 from pipeline.eval.evaluator import Evaluator, build_evaluator
-from pipeline.reference.cache import ChunkPlan, ReferenceCache, cache_key
+from pipeline.reference.cache import ChunkPlan, ReferenceCache, usable_cache
 from pipeline.reference.scorer import stats_kind
 from pipeline.tracking import flatten, open_tracker
 from pipeline.train.batches import PairBatches
@@ -117,8 +117,11 @@ def consumption_order(cfg: RunConfig, num_pairs: int) -> list[int]:
 
 
 def train_distributed(cfg: RunConfig, *, progress: bool = True, run_dir: Path | None = None,
-                      faults: dict[str, Any] | None = None) -> TrainResult:
-    """Validate everything cheap, then train on Ray. ``faults`` injects failures (fault tests only)."""
+                      faults: dict[str, Any] | None = None, mlflow_run_id: str | None = None,
+                      callbacks: list[Any] | None = None) -> TrainResult:
+    """Validate everything cheap, then train on Ray. ``faults`` injects failures (fault tests only).
+    ``mlflow_run_id``: log into that existing run (a resumed sweep trial); ``callbacks``: Ray Train
+    callbacks (a sweep trial's TuneReportCallback)."""
     storage = storage_root(cfg)
     name = run_dir.name if run_dir is not None else run_name(cfg)
     run_dir = run_dir or Path(cfg.output.dir).expanduser().resolve() / name
@@ -131,13 +134,14 @@ def train_distributed(cfg: RunConfig, *, progress: bool = True, run_dir: Path | 
     PairBatches(len(dataset.pairs), cfg.train.batch_size * cfg.workers, cfg.train.seed)  # enough pairs?
     evaluator = build_evaluator(cfg, tokenizer) if cfg.eval.enabled else None
 
-    with open_tracker(cfg, name, tags={"loss": cfg.loss.name, "method": cfg.loss.name, "trainer": "ray",
-                                       "reference.mode": cfg.reference.mode}) as tracker:
+    tags = {"loss": cfg.loss.name, "method": cfg.loss.name, "trainer": "ray", "reference.mode": cfg.reference.mode}
+    with open_tracker(cfg, name, tags=tags, run_id=mlflow_run_id) as tracker:
         tracker.log_params(flatten(cfg.model_dump(mode="json")))
         tracker.log_artifact(run_dir / "config.yaml")
         tracker.log_artifact(run_dir / "data_report.json")
         connect_ray(cfg.distributed.address)
-        result = _fit(cfg, dataset.pairs, tokenizer, storage, run_folder, tracker, progress, faults, evaluator)
+        result = _fit(cfg, dataset.pairs, tokenizer, storage, run_folder, tracker, progress, faults, evaluator,
+                      callbacks)
         tracker.log_metrics({"reference/forward_passes": result.reference_forward_passes,
                              "reference/cached_chunks": result.reference_cached_chunks}, step=cfg.train.max_steps)
         if result.model_dir is not None:
@@ -149,7 +153,8 @@ def train_distributed(cfg: RunConfig, *, progress: bool = True, run_dir: Path | 
 
 
 def _fit(cfg: RunConfig, pairs: list, tokenizer: Any, storage: Path, run_folder: Path, tracker: Any,
-         progress: bool, faults: dict[str, Any] | None, evaluator: Evaluator | None = None) -> TrainResult:
+         progress: bool, faults: dict[str, Any] | None, evaluator: Evaluator | None = None,
+         callbacks: list[Any] | None = None) -> TrainResult:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
@@ -169,8 +174,7 @@ def _fit(cfg: RunConfig, pairs: list, tokenizer: Any, storage: Path, run_folder:
         cache = None
         todo = plan.first_need(consumption_order(cfg, len(pairs)))
         if cfg.reference.cache:
-            fingerprint, meta = cache_key(cfg, pairs, kind)
-            cache = ReferenceCache(storage, fingerprint, kind, plan).create(meta)
+            cache = usable_cache(cfg, pairs, kind, plan, storage, todo)
             missing = set(cache.missing())
             cached_chunks = sum(c not in missing for c in todo)
             todo = [c for c in todo if c in missing]
@@ -198,6 +202,7 @@ def _fit(cfg: RunConfig, pairs: list, tokenizer: Any, storage: Path, run_folder:
             name=run_folder.name, storage_path=str(storage),
             failure_config=FailureConfig(max_failures=d.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=d.keep_checkpoints),
+            callbacks=callbacks,
         ),
     )
     try:
@@ -219,6 +224,32 @@ def _fit(cfg: RunConfig, pairs: list, tokenizer: Any, storage: Path, run_folder:
     if cfg.train.save_model:
         result.model_dir = run_folder / "model"
     return result
+
+
+def reference_pass(cfg: RunConfig, pairs: list, pad_token_id: int, kind: str, root: Path) -> dict[str, int]:
+    """Fill ``root``'s reference cache with every chunk of ``pairs`` for ``kind`` (one pass, before any
+    training: a sweep's trials then read it). Returns forward passes run and chunks computed / cached."""
+    from pipeline.reference.cache import cache_key
+    from pipeline.reference.group import ReferenceGroup
+
+    plan = ChunkPlan(len(pairs), cfg.reference.chunk_size)
+    fingerprint, meta = cache_key(cfg, pairs, kind)
+    cache = ReferenceCache(root, fingerprint, kind, plan).create(meta)
+    todo = cache.missing()
+    forward_passes = 0
+    if todo:
+        r = cfg.reference
+        require_resources({"CPU": r.num_actors * r.cpus_per_actor, "GPU": r.num_actors * r.gpus_per_actor},
+                          f"{r.num_actors} reference actor(s) x reference.cpus_per_actor={r.cpus_per_actor:g},"
+                          f" gpus_per_actor={r.gpus_per_actor:g}")
+        group = ReferenceGroup(cfg, kind, pairs, pad_token_id, cache, plan)
+        try:
+            group.submit(todo)
+            forward_passes = group.forward_passes()
+        finally:
+            group.shutdown()
+    return {"forward_passes": forward_passes, "computed_chunks": len(todo),
+            "cached_chunks": plan.num_chunks - len(todo), "fingerprint": fingerprint}
 
 
 def _train_loop(config: dict[str, Any]) -> None:

@@ -194,9 +194,10 @@ def train_loop(config: dict[str, Any]) -> None:
             log.write(json.dumps({"step": done, **metrics}) + "\n")
             log.flush()
             tracker.log_metrics(metrics, step=done)
+        point = {}
         if evaluator is not None and evaluator.due(done, cfg.train.max_steps):
-            _evaluate(evaluator, engine, feed, cfg, rank, world, done, bar, evals, tracker)
-        _report(engine, cfg, done, next_position(batches, position), metrics)
+            point = _evaluate(evaluator, engine, feed, cfg, rank, world, done, bar, evals, tracker)
+        _report(engine, cfg, done, next_position(batches, position), {**metrics, **point})
         if bar is not None:
             bar.set_description(f"{cfg.loss.name} loss {metrics['loss']:.4f}")
             bar.update(1)
@@ -210,8 +211,9 @@ def train_loop(config: dict[str, Any]) -> None:
 
 
 def _evaluate(evaluator: Any, engine: Any, feed: Any, cfg: RunConfig, rank: int, world: int, step: int,
-              bar: Any, evals: Any, tracker: Any) -> None:
-    """Evaluate now (every rank); rank 0 writes the point to eval.jsonl and MLflow at ``step``."""
+              bar: Any, evals: Any, tracker: Any) -> dict[str, float]:
+    """Evaluate now (every rank); rank 0 writes the point to eval.jsonl and MLflow at ``step``.
+    Returns the point's metrics (reported to Ray Train with the step's, so a sweep's scheduler sees them)."""
     if bar is not None:
         bar.set_description(f"{cfg.loss.name} evaluating at step {step}")
     point = evaluate_policy(evaluator, engine, feed, cfg, rank, world).metrics()
@@ -219,6 +221,7 @@ def _evaluate(evaluator: Any, engine: Any, feed: Any, cfg: RunConfig, rank: int,
         evals.write(json.dumps({"step": step, **point}) + "\n")
         evals.flush()
         tracker.log_metrics(point, step=step)
+    return point
 
 
 def evaluate_policy(evaluator: Any, engine: Any, feed: Any, cfg: RunConfig, rank: int, world: int):
@@ -263,5 +266,5 @@ def _report(engine: Any, cfg: RunConfig, step: int, position: BatchPosition, met
             ray.train.report({"step": step, **metrics}, checkpoint=ray.train.Checkpoint.from_directory(folder))
         finally:
             shutil.rmtree(folder, ignore_errors=True)
-    elif step % cfg.train.log_every == 0:
+    elif step % cfg.train.log_every == 0 or "eval/reward" in metrics:
         ray.train.report({"step": step, **metrics})

@@ -1,0 +1,386 @@
+"""Ray Tune sweeps: one full distributed training run per trial, one reference pass per sweep.
+
+    driver   config + search space checked (every candidate), data tokenized, Ray connected
+             MLflow parent run opened (or reopened on resume)
+             the reference pass: every chunk of the pairs into the sweep's reference cache, once
+             the untrained reference evaluated once (its point goes on the parent run)
+             Tuner.fit(): trials run ``run_trial`` with at most sweep.max_concurrent_trials at once
+             the Pareto fronts of every trial's evaluation points, hypervolumes and the best config
+             per method, on the parent run
+    trial    a TorchTrainer (Ray Train V2 inside the Tune trial) with its periodic evaluation; its
+             reports reach Tune through TuneReportCallback (ASHA and Optuna read them); one MLflow
+             child run (tags: mlflow.parentRunId, sweep, trial), the trial's values as params
+
+Folder ``<storage>/<sweep id>/``: config.yaml, sweep.json (ids), tune/ (Ray Tune's experiment:
+what ``Tuner.restore`` reads), trials/ (each trial's Train run, and the shared reference-cache/),
+pareto/, trials.csv, best_configs.json.
+
+Resume (the driver killed): ``resume_sweep(folder)`` reopens the parent run and calls
+``Tuner.restore``. Finished trials are not run again. A trial that was running restarts with the
+same trial id: it finds its MLflow run by tag and logs into it (no second run), and its Train run
+resumes from its last checkpoint (distributed.checkpoint_every). A trial whose MLflow run is
+FINISHED but that Tune had not yet recorded as done reports its logged result instead of training.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import RunConfig, load_config, save_config
+from pipeline.errors import ConfigError, PipelineError
+from pipeline.tune.space import (
+    Dimension,
+    any_token_level,
+    check_space,
+    flat_space,
+    parse_space,
+    trial_config,
+    tune_space,
+)
+
+log = logging.getLogger(__name__)
+OBJECTIVES = {"eval/reward": "max", "eval/kl": "min"}  # the Optuna search's two objectives
+
+
+@dataclass
+class SweepResult:
+    sweep_id: str
+    folder: Path
+    parent_run_id: str
+    trials: list[dict[str, Any]] = field(default_factory=list)
+    reference: dict[str, float] = field(default_factory=dict)
+    reference_pass: dict[str, Any] = field(default_factory=dict)
+    pareto: dict[str, Any] = field(default_factory=dict)
+    best: dict[str, Any] = field(default_factory=dict)
+    kl_budget: float | None = None
+    failed: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """What every trial needs from the driver (passed with tune.with_parameters, so a restore rebuilds it)."""
+
+    base: dict[str, Any]
+    sweep_id: str
+    parent_run_id: str
+    trial_root: str
+    progress: bool
+
+
+def run_sweep(cfg: RunConfig, *, progress: bool = True) -> SweepResult:
+    """A new sweep of cfg.sweep.space around cfg."""
+    sweep_id = cfg.output.run_name or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
+    return _sweep(cfg, sweep_id, restore=False, progress=progress)
+
+
+def resume_sweep(folder: str | Path, *, progress: bool = True) -> SweepResult:
+    """Finish an interrupted sweep from its folder (``<storage>/<sweep id>``)."""
+    folder = Path(folder).expanduser().resolve()
+    state = folder / "sweep.json"
+    if not state.is_file():
+        raise PipelineError(f"{folder} is not a sweep folder: {state.name} is missing")
+    ids = json.loads(state.read_text(encoding="utf-8"))
+    cfg = load_config(folder / "config.yaml")
+    return _sweep(cfg, ids["sweep_id"], restore=True, progress=progress, parent_run_id=ids["parent_run_id"])
+
+
+def check_sweep(cfg: RunConfig) -> list[Dimension]:
+    """Everything cheap that can be wrong with a sweep, before Ray, MLflow or a model is touched."""
+    if not cfg.tracking.enabled:
+        raise ConfigError("jobs.sweep needs tracking.enabled=true: trials and fronts live in MLflow")
+    if not cfg.distributed.enabled:
+        raise ConfigError("jobs.sweep runs every trial on Ray Train: set distributed.enabled=true")
+    s = cfg.sweep
+    dims = parse_space(s.space, s.search)
+    if s.search != "grid" and s.num_samples < 2:
+        log.warning("sweep.search=%s with num_samples=%d runs a single trial", s.search, s.num_samples)
+    check_space(cfg, dims)
+    return dims
+
+
+def _sweep(cfg: RunConfig, sweep_id: str, *, restore: bool, progress: bool,
+           parent_run_id: str | None = None) -> SweepResult:
+    from pipeline.eval.evaluator import build_evaluator
+    from pipeline.tracking import flatten, open_tracker
+    from pipeline.train.distributed import check_resources, connect_ray, storage_root
+    from pipeline.train.local import prepare_data
+
+    started = time.perf_counter()
+    dims = check_sweep(cfg)
+    folder = storage_root(cfg) / sweep_id
+    trial_root = folder / "trials"
+    trial_root.mkdir(parents=True, exist_ok=True)
+    base = _trial_base(cfg, trial_root)
+    tokenizer, dataset = prepare_data(cfg, folder)
+    assert dataset.pairs is not None
+    build_evaluator(base, tokenizer)  # prompts and reward source, checked now
+    if restore and not _tune_state(folder).is_dir():
+        raise PipelineError(f"{folder} holds no Ray Tune experiment to restore ({_tune_state(folder)} is missing)")
+    connect_ray(cfg.distributed.address)
+    check_resources(base, base.reference.num_actors if base.reference.mode != "colocated" else 0)
+
+    with open_tracker(cfg, sweep_id, tags={"sweep": sweep_id, "stage": "sweep"}, run_id=parent_run_id) as parent:
+        if not restore:
+            save_config(cfg, folder)
+            (folder / "sweep.json").write_text(json.dumps({"sweep_id": sweep_id, "parent_run_id": parent.run_id}),
+                                              encoding="utf-8")
+            parent.log_params({**flatten(cfg.model_dump(mode="json")), "sweep.space": json.dumps(cfg.sweep.space)})
+            parent.log_artifact(folder / "config.yaml")
+        result = SweepResult(sweep_id, folder, parent.run_id)
+        result.reference_pass = _reference_pass(base, dims, dataset.pairs, tokenizer.pad_token_id, trial_root, parent)
+        result.reference = _reference_point(base, sweep_id, parent)
+        spec = SweepSpec(base.model_dump(mode="json"), sweep_id, parent.run_id, str(trial_root), progress)
+        grid = _tuner(cfg, dims, spec, folder, restore).fit()
+        result.trials, result.failed = _trial_rows(grid)
+        _report(cfg, result, parent)
+        if result.failed:
+            raise PipelineError(f"{len(result.failed)} sweep trial(s) failed (the others are reported on the "
+                                f"parent run {parent.run_id}):\n" + "\n".join(result.failed))
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _trial_base(cfg: RunConfig, trial_root: Path) -> RunConfig:
+    """The config every trial starts from: evaluation on, runs and cache under the sweep's folder,
+    the tracking store pinned (it would otherwise follow output.dir)."""
+    from pipeline.tracking import tracking_uri
+
+    tree = cfg.model_dump(mode="json")
+    tree["eval"]["enabled"] = True
+    tree["output"]["dir"] = str(trial_root)
+    tree["distributed"]["storage_path"] = str(trial_root)
+    tree["tracking"]["uri"] = tracking_uri(cfg)
+    return RunConfig.model_validate(tree)
+
+
+def _reference_pass(base: RunConfig, dims: list[Dimension], pairs: list, pad_token_id: int, root: Path,
+                    parent: Any) -> dict[str, Any]:
+    """Every chunk of the pairs through the reference, once: the trials read the cache. A sweep with
+    any token-level loss computes the token-level statistics; its DPO trials read their sums."""
+    from pipeline.reference.cache import token_level_kind
+    from pipeline.train.distributed import reference_pass
+
+    if base.reference.mode == "colocated" or not base.reference.cache:
+        log.warning("reference.mode=colocated or reference.cache=false: every trial runs its own reference")
+        return {}
+    kind = token_level_kind(base) if any_token_level(base, dims) else "sequence"
+    done = reference_pass(base, pairs, pad_token_id, kind, root)
+    parent.log_metrics({"reference/forward_passes": done["forward_passes"],
+                        "reference/computed_chunks": done["computed_chunks"],
+                        "reference/cached_chunks": done["cached_chunks"]}, step=0)
+    return {"kind": kind, **done}
+
+
+def _reference_point(base: RunConfig, sweep_id: str, parent: Any) -> dict[str, float]:
+    """The untrained reference's evaluation point, logged on the parent run once (kept on resume)."""
+    from pipeline.eval.runs import evaluate_model
+
+    if not base.sweep.evaluate_reference:
+        return {}
+    logged = parent.client.get_run(parent.run_id).data.metrics
+    if "eval/reward" in logged:
+        return {k: v for k, v in logged.items() if k.startswith("eval/")}
+    point, _ = evaluate_model(base, base.model.reference_spec, f"{sweep_id}-reference", tracker=parent)
+    return point.metrics()
+
+
+def _tune_state(folder: Path) -> Path:
+    return folder / "tune"
+
+
+def _tuner(cfg: RunConfig, dims: list[Dimension], spec: SweepSpec, folder: Path, restore: bool):
+    from ray import tune
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    # The trial only drives its TorchTrainer; its workers and actors ask for their own CPUs. Tune
+    # defaults a trial to 1 CPU, which on a 2-core machine leaves no room for a 2-CPU worker, and Ray
+    # refuses an empty request: a trial with trial_cpus 0 asks for 1 MiB of memory instead.
+    driver = {"CPU": cfg.sweep.trial_cpus} if cfg.sweep.trial_cpus > 0 else {"memory": 2**20}
+    trainable = tune.with_resources(tune.with_parameters(run_trial, spec=spec), driver)
+    if restore:
+        return tune.Tuner.restore(str(_tune_state(folder)), trainable=trainable, resume_unfinished=True,
+                                  resume_errored=True)
+    s = cfg.sweep
+    search_alg = None
+    if s.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        search_alg = OptunaSearch(metric=list(OBJECTIVES), mode=list(OBJECTIVES.values()), seed=s.seed)
+    scheduler = None
+    if s.asha.enabled:
+        from ray.tune.schedulers import ASHAScheduler
+
+        scheduler = ASHAScheduler(time_attr="step", metric=s.asha.metric, mode=s.asha.mode,
+                                  max_t=cfg.train.max_steps, grace_period=s.asha.grace_period,
+                                  reduction_factor=s.asha.reduction_factor)
+    return tune.Tuner(
+        trainable,
+        param_space=tune_space(dims),
+        # Tune limits a Searcher (Optuna) by max_concurrent_trials, but not a BasicVariantGenerator passed in:
+        # that one takes the limit itself.
+        tune_config=tune.TuneConfig(
+            num_samples=s.num_samples, scheduler=scheduler,
+            search_alg=search_alg or BasicVariantGenerator(random_state=s.seed, max_concurrent=s.max_concurrent_trials),
+            max_concurrent_trials=s.max_concurrent_trials if search_alg is not None else None),
+        run_config=tune.RunConfig(name=_tune_state(folder).name, storage_path=str(folder),
+                                  failure_config=tune.FailureConfig(max_failures=0), verbose=1),
+    )
+
+
+def run_trial(config: dict[str, Any], spec: SweepSpec) -> None:
+    """One Tune trial: the trial's config, its MLflow child run (found again on a restart), a
+    TorchTrainer whose reports reach Tune, then the final evaluation point as the trial's result."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from pipeline.stages.pipeline import run_label
+    from pipeline.tracking import find_run
+    from pipeline.train.distributed import train_distributed
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    params = dict(config)
+    cfg = trial_config(spec.base, params, f"sweep trial {trial_id} {params}")
+    cfg.output.run_name = f"{spec.sweep_id}-{trial_id}-{run_label(cfg)}"
+    identity = {"sweep": spec.sweep_id, "trial": trial_id}
+    cfg.tracking.tags = {**cfg.tracking.tags, **identity, "mlflow.parentRunId": spec.parent_run_id}
+    existing = find_run(cfg, identity)
+    if existing is not None and existing.info.status == "FINISHED":  # done before the driver died
+        ray.tune.report(_logged_result(existing))
+        return
+    trained = train_distributed(cfg, progress=spec.progress, callbacks=[TuneReportCallback()],
+                                mlflow_run_id=existing.info.run_id if existing is not None else None)
+    final = trained.evaluations[-1] if trained.evaluations else {}
+    ray.tune.report({**{k: v for k, v in final.items() if k != "step"}, "step": cfg.train.max_steps,
+                     "loss": trained.history[-1]["loss"], "seconds_per_step": trained.seconds_per_step,
+                     "reference/forward_passes": trained.reference_forward_passes,
+                     "mlflow_run_id": _run_id(cfg, identity)})
+
+
+def _run_id(cfg: RunConfig, identity: dict[str, str]) -> str:
+    from pipeline.tracking import find_run
+
+    run = find_run(cfg, identity)
+    return run.info.run_id if run is not None else ""
+
+
+def _logged_result(run: Any) -> dict[str, Any]:
+    """A finished trial's result, read back from its MLflow run (the last logged value of each metric)."""
+    metrics = run.data.metrics
+    keep = {k: v for k, v in metrics.items() if k.startswith("eval/") or k in ("loss", "reference/forward_passes")}
+    return {**keep, "step": int(run.data.params.get("train.max_steps", 0)), "mlflow_run_id": run.info.run_id,
+            "restored_from_mlflow": True}
+
+
+def _trial_rows(grid: Any) -> tuple[list[dict[str, Any]], list[str]]:
+    """(one row per finished trial: its values and final metrics, the failed trials' errors)."""
+    rows, failed = [], []
+    for result in grid:
+        if result.error is not None:
+            failed.append(f"  {result.path}: {result.error}")
+            continue
+        metrics = result.metrics or {}
+        rows.append({"trial": metrics.get("trial_id", ""), **result.config,
+                     **{k: metrics.get(k) for k in ("eval/reward", "eval/kl", "eval/entropy", "loss",
+                                                    "reference/forward_passes", "mlflow_run_id")}})
+    return sorted(rows, key=lambda r: r["trial"]), failed
+
+
+def _report(cfg: RunConfig, result: SweepResult, parent: Any) -> None:
+    """Fronts over every trial's evaluation points, hypervolumes, best configs and the trial table."""
+    from pipeline.eval.pareto import REFERENCE_METHOD, Point
+    from pipeline.eval.runs import experiment_points, log_pareto
+
+    points = experiment_points(cfg, filter_string=f"tags.sweep = '{result.sweep_id}' and "
+                                                  f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'")
+    if result.reference:
+        points.append(Point(REFERENCE_METHOD, f"{result.sweep_id}-reference", 0,
+                            result.reference["eval/kl"], result.reference["eval/reward"]))
+    result.pareto = log_pareto(cfg, points, tracker=parent, folder=result.folder / "pareto")
+    by_run = {row["mlflow_run_id"]: row for row in result.trials}
+    names = {run.info.run_name: run.info.run_id for run in _child_runs(cfg, result)}
+    swept = {name: {k: v for k, v in by_run.get(rid, {}).items() if k in flat_space(cfg.sweep.space)} for name, rid in names.items()}
+    result.kl_budget = cfg.sweep.kl_budget
+    result.best = best_configs(points, swept, cfg.sweep.kl_budget)
+    (result.folder / "best_configs.json").write_text(json.dumps(result.best, indent=2), encoding="utf-8")
+    parent.log_artifact(result.folder / "best_configs.json")
+    parent.log_params({f"best.{method}.{key}": value for method, best in result.best.items()
+                       for key, value in best["config"].items()})
+    table = result.folder / "trials.csv"
+    _write_rows(table, result.trials)
+    parent.log_artifact(table)
+
+
+def _child_runs(cfg: RunConfig, result: SweepResult) -> list[Any]:
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import tracking_uri
+
+    client = MlflowClient(tracking_uri(cfg))
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    return client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'",
+                              max_results=10_000)
+
+
+def best_configs(points: list, configs: dict[str, dict[str, Any]], kl_budget: float | None) -> dict[str, Any]:
+    """Per method: the point on its front with the highest reward whose KL is within ``kl_budget``
+    (no budget: the front's highest reward), and the swept values of the trial it came from."""
+    from pipeline.eval.pareto import REFERENCE_METHOD, by_method, pareto_front
+
+    best = {}
+    for method, group in sorted(by_method(points).items()):
+        if method == REFERENCE_METHOD:
+            continue
+        eligible = [p for p in pareto_front(group) if kl_budget is None or p.kl <= kl_budget]
+        if not eligible:
+            continue
+        p = max(eligible, key=lambda p: p.reward)
+        best[method] = {"run": p.run, "step": p.step, "reward": p.reward, "kl": p.kl,
+                        "config": configs.get(p.run, {})}
+    return best
+
+
+def _write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
+    keys: list[str] = []
+    for row in rows:
+        keys += [k for k in row if k not in keys]
+    with path.open("w", newline="", encoding="utf-8") as f:
+        out = csv.DictWriter(f, fieldnames=keys)
+        out.writeheader()
+        out.writerows(rows)
+
+
+def summary_table(result: SweepResult, uri: str, experiment: str) -> str:
+    """What jobs.sweep prints at the end, with where to look in the MLflow UI."""
+    lines = [f"sweep {result.sweep_id}: {len(result.trials)} trials in {result.seconds / 60:.1f} min", ""]
+    rp = result.reference_pass
+    if rp:
+        lines.append(f"reference pass: {rp['forward_passes']} forward passes ({rp['kind']} statistics), "
+                     f"{rp['computed_chunks']} chunks computed, {rp['cached_chunks']} already cached")
+    if result.reference:
+        lines.append(f"reference (untrained): reward {result.reference['eval/reward']:.4f}")
+    keys = [k for k in (result.trials[0] if result.trials else {}) if k not in ("trial", "mlflow_run_id")]
+    lines += ["", "  ".join(f"{k:>12}" for k in ["trial", *keys])]
+    for row in result.trials:
+        cells = [row["trial"]] + [f"{row[k]:.4g}" if isinstance(row[k], float) else str(row[k]) for k in keys]
+        lines.append("  ".join(f"{c:>12}" for c in cells))
+    ref_kl, ref_reward = result.pareto["reference_point"]
+    lines += ["", f"hypervolume (reference point: KL {ref_kl:.4g}, reward {ref_reward:.4g}):"]
+    for s in result.pareto["summary"]:
+        lines.append(f"  {s.method:<6} {s.hypervolume:.5f}   ({s.front} of {s.points} points on the front)")
+    lines.append("best configuration per method" + (f" (KL <= {result.kl_budget:g})" if result.kl_budget else "") + ":")
+    for method, best in result.best.items():
+        lines.append(f"  {method:<6} {best['config']}  reward {best['reward']:.4f} at KL {best['kl']:.4f} "
+                     f"(step {best['step']})")
+    ui = f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1" if uri.startswith("sqlite") else uri
+    lines += ["", f"MLflow: {ui}",
+              f"  experiment '{experiment}', parent run '{result.sweep_id}' (expand it: one child run per trial);",
+              "  the fronts: the parent's artifacts pareto/pareto.png, pareto/*.csv, best_configs.json, trials.csv"]
+    return "\n".join(lines)
+

@@ -1,0 +1,233 @@
+"""Ray Tune sweeps: the search space, one reference pass per sweep, MLflow parent/child runs, resume,
+and the notebook."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.config import load_config
+from pipeline.errors import ConfigError
+from pipeline.eval.pareto import Point
+from pipeline.tune.space import check_space, flat_space, parse_space
+from pipeline.tune.sweep import best_configs, check_sweep
+from tests.conftest import REPO, TINY_CONFIG
+
+# A tiny sweep: 16 pairs in chunks of 8 (one reference batch each), 4 steps, evaluated at steps 2 and 4.
+TINY_SWEEP = ["eval.num_prompts=4", "eval.generation.max_new_tokens=8", "eval.every_steps=2", "data.limit=16",
+              "data.max_length=64", "data.max_prompt_length=32", "train.batch_size=2", "reference.chunk_size=8",
+              "reference.batch_size=8", "reference.cpus_per_actor=0.5", "distributed.cpus_per_worker=1",
+              "sweep.space={loss.name: [dpo, tdpo2], loss.beta: [0.1, 0.5]}"]
+
+
+# --- the search space (no Ray) ------------------------------------------------------------------
+
+
+def test_space_forms_and_what_each_search_makes_of_a_list():
+    space = {"loss.name": ["dpo", "tdpo2"], "loss.beta": {"loguniform": [0.01, 1.0]},
+             "train": {"learning_rate": {"uniform": [1e-4, 1e-3]}, "seed": {"randint": [0, 3]}}}
+    dims = {d.key: d for d in parse_space(space, "grid")}
+    assert dims["loss.name"].kind == "grid" and dims["loss.name"].values == ("dpo", "tdpo2")
+    assert dims["loss.beta"].kind == "loguniform" and dims["loss.beta"].values == (0.01, 1.0)
+    assert dims["train.learning_rate"].kind == "uniform"  # nested sections are dotted keys
+    assert dims["train.seed"].candidates() == (0, 2)  # randint's high is exclusive
+    assert {d.key: d.kind for d in parse_space(space, "optuna")}["loss.name"] == "choice"
+    assert flat_space({"loss.beta": [0.1], "loss": {"beta": [0.2]}}) == {"loss.beta": [0.2]}  # later wins
+
+
+@pytest.mark.parametrize("space,message", [
+    ({"loss.betta": [0.1]}, r"(?s)sweep.space.loss.betta=0.1.*loss.betta: unknown key"),
+    ({"loss.beta": [0.1, -1.0]}, r"(?s)sweep.space.loss.beta=-1.0.*loss.beta: Input should be greater than 0"),
+    ({"loss.beta": {"uniform": [0.5, 0.1]}}, r"sweep.space.loss.beta.uniform: low \(0.5\) must be below"),
+    ({"loss.beta": {"loguniform": [0, 1]}}, r"loguniform: low must be > 0"),
+    ({"loss.beta": {"normal": [0, 1]}}, r"sweep.space.loss.beta.normal=.*not a section"),
+    ({"loss.beta": []}, r"non-empty list"),
+    ({"tracking.uri": ["x"]}, r"cannot vary tracking.uri"),
+    ({"loss.name": ["dpo", "tdpo3"]}, r"sweep.space.loss.name='tdpo3'"),
+])
+def test_a_bad_space_names_the_key_before_any_work(space, message):
+    cfg = load_config(TINY_CONFIG)
+    with pytest.raises(ConfigError, match=message):
+        check_space(cfg, parse_space(space, "grid"))
+
+
+def test_a_sweep_needs_tracking_and_ray_train():
+    with pytest.raises(ConfigError, match="tracking.enabled"):
+        check_sweep(load_config(TINY_CONFIG, ["tracking.enabled=false"]))
+    with pytest.raises(ConfigError, match="distributed.enabled"):
+        check_sweep(load_config(TINY_CONFIG, ["distributed.enabled=false"]))
+
+
+def test_best_config_per_method_is_the_highest_reward_on_its_front_within_the_budget():
+    points = [Point("dpo", "a", 2, 1.0, 0.3), Point("dpo", "a", 4, 3.0, 0.5), Point("dpo", "b", 4, 2.0, 0.2),
+              Point("tdpo2", "c", 4, 0.5, 0.4), Point("reference", "r", 0, 0.0, 0.1)]
+    configs = {"a": {"loss.beta": 0.1}, "b": {"loss.beta": 0.5}, "c": {"loss.beta": 0.1}}
+    best = best_configs(points, configs, None)
+    assert set(best) == {"dpo", "tdpo2"}
+    assert (best["dpo"]["run"], best["dpo"]["step"], best["dpo"]["reward"]) == ("a", 4, 0.5)
+    assert best["dpo"]["config"] == {"loss.beta": 0.1}
+    within = best_configs(points, configs, 2.5)  # (3.0, 0.5) is over budget; (2.0, 0.2) is dominated
+    assert (within["dpo"]["step"], within["dpo"]["reward"]) == (2, 0.3)
+    assert best_configs(points, configs, 0.1) == {}
+
+
+def test_dpo_reads_the_sums_of_a_token_level_cache_exactly(tiny_tokenizer, tmp_path):
+    """One reference pass serves DPO and TDPO: a DPO run finds the exact cache and reads only its sums,
+    which equal a sequence-kind pass to the last bit."""
+    from pipeline.data.dataset import load_preference_dataset
+    from pipeline.models.loading import load_causal_lm
+    from pipeline.reference.cache import ChunkPlan, ReferenceCache, cache_key, usable_cache
+    from pipeline.reference.scorer import ReferenceScorer
+
+    cfg = load_config(TINY_CONFIG, ["data.limit=10"])
+    pairs = load_preference_dataset(cfg.data, tiny_tokenizer).pairs
+    model = load_causal_lm("builtin:tiny")
+    plan = ChunkPlan(len(pairs), 4)
+    assert usable_cache(cfg, pairs, "sequence", plan, tmp_path, range(3)).kind == "sequence"  # nothing yet
+    fingerprint, meta = cache_key(cfg, pairs, "exact")
+    exact = ReferenceCache(tmp_path, fingerprint, "exact", plan).create(meta)
+    for chunk in range(plan.num_chunks):
+        exact.write(chunk, ReferenceScorer(model, "exact").score_pairs(
+            [pairs[i] for i in plan.pairs(chunk)], tiny_tokenizer.pad_token_id, 3))
+    shared = usable_cache(cfg, pairs, "sequence", plan, tmp_path, range(plan.num_chunks))
+    assert (shared.kind, shared.view, shared.fingerprint) == ("exact", "sequence", fingerprint)
+    sequence = ReferenceScorer(model, "sequence")
+    for chunk in range(plan.num_chunks):
+        read = shared.read(chunk)
+        own = sequence.score_pairs([pairs[i] for i in plan.pairs(chunk)], tiny_tokenizer.pad_token_id, 3)
+        assert read.kind == "sequence" and read.positions == {}
+        assert torch.equal(read.logps, own.logps) and torch.equal(read.lengths, own.lengths)
+    exact.path(2).unlink()  # incomplete: the DPO run makes its own
+    assert usable_cache(cfg, pairs, "sequence", plan, tmp_path, range(3)).kind == "sequence"
+    assert usable_cache(cfg, pairs, "sequence", plan, tmp_path, range(2)).kind == "exact"  # a short run
+
+
+# --- real sweeps on the session's Ray cluster -----------------------------------------------------
+
+
+def _client(out: Path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("rayprefopt")
+    return client, experiment
+
+
+def _children(out: Path, parent_id: str):
+    client, experiment = _client(out)
+    return client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'")
+
+
+def _wait_for_a_finished_trial(out: Path, proc: subprocess.Popen, timeout: float) -> str:
+    """The sweep's parent run id once one child run is FINISHED (polling MLflow, as a user would)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the sweep ended before it could be interrupted"
+        state = out / "sweep" / "sweep.json"
+        if state.is_file() and (out / "mlflow.db").is_file():
+            parent = json.loads(state.read_text())["parent_run_id"]
+            if any(r.info.status == "FINISHED" for r in _children(out, parent)):
+                return parent
+        time.sleep(1)
+    raise AssertionError("no trial finished in time")
+
+
+def test_a_killed_sweep_resumes_without_rerunning_or_duplicating(ray_cluster, tmp_path):
+    """2 losses x 2 betas via `python -m jobs.sweep` on the session's cluster: the driver is SIGKILLed
+    once the first trial has finished, then `--resume` finishes the sweep. One reference pass in all,
+    4 child runs under one parent, the first trial not run again, the fronts on the parent."""
+    from tests.conftest import TINY_CONFIG as config
+
+    args = [sys.executable, "-m", "jobs.sweep", "--config", str(config), f"output.dir={tmp_path}",
+            "output.run_name=sweep", f"eval.reward.source={_reward(tmp_path)}", *TINY_SWEEP]
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.address}
+    with (tmp_path / "first.log").open("w") as log:
+        proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            parent_id = _wait_for_a_finished_trial(tmp_path, proc, timeout=420)
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+    first = [r for r in _children(tmp_path, parent_id) if r.info.status == "FINISHED"]
+    assert len(first) == 1
+    done = subprocess.run([sys.executable, "-m", "jobs.sweep", "--resume", str(tmp_path / "sweep")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "hypervolume" in done.stdout and "best configuration per method" in done.stdout
+
+    client, _ = _client(tmp_path)
+    children = _children(tmp_path, parent_id)
+    assert len(children) == 4  # no duplicate of the interrupted trial's run
+    assert len({r.data.tags["trial"] for r in children}) == 4
+    assert sorted((r.data.params["loss.name"], float(r.data.params["loss.beta"])) for r in children) == [
+        ("dpo", 0.1), ("dpo", 0.5), ("tdpo2", 0.1), ("tdpo2", 0.5)]
+    assert all(r.info.status == "FINISHED" and r.data.tags["method"] == r.data.params["loss.name"] for r in children)
+    again = client.get_run(first[0].info.run_id)
+    assert again.info.end_time == first[0].info.end_time  # the finished trial was not run again
+    for run in children:  # each trial evaluated at steps 2 and 4, once
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/kl")] == [2, 4]
+
+    # One reference pass for the whole sweep: 2 chunks of 8 pairs, one forward pass each, by the first
+    # driver; the resumed driver found them cached; no trial ran the reference on training pairs.
+    passes = client.get_metric_history(parent_id, "reference/forward_passes")
+    assert [m.value for m in passes] == [2.0, 0.0]
+    assert [m.value for m in client.get_metric_history(parent_id, "reference/cached_chunks")] == [0.0, 2.0]
+    for run in children:
+        assert run.data.metrics["reference/forward_passes"] == 0
+        assert run.data.metrics["reference/cached_chunks"] == 2
+
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["sweep"] == "sweep"
+    artifacts = {a.path for a in client.list_artifacts(parent_id)} | {
+        a.path for a in client.list_artifacts(parent_id, "pareto")}
+    assert {"pareto/pareto.png", "pareto/pareto_points.csv", "pareto/pareto_summary.csv", "best_configs.json",
+            "trials.csv", "config.yaml"} <= artifacts
+    assert {"pareto/hypervolume/dpo", "pareto/hypervolume/tdpo2", "eval/reward"} <= parent.data.metrics.keys()
+    assert {"best.dpo.loss.beta", "best.tdpo2.loss.beta"} <= parent.data.params.keys()
+    with (tmp_path / "sweep" / "pareto" / "pareto_points.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 1 + 4 * 2  # the reference, two evaluations per trial
+    trials = (tmp_path / "sweep" / "trials.csv").read_text().splitlines()
+    assert len(trials) == 1 + 4
+
+
+def test_the_notebook_runs_to_the_end(ray_cluster, tmp_path, monkeypatch):
+    """notebooks/sweep_dpo_vs_tdpo.ipynb, executed by a real kernel in its tiny mode on this session's cluster."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    monkeypatch.setenv("RAY_ADDRESS", ray_cluster.address)
+    monkeypatch.setenv("RAYPREFOPT_NOTEBOOK_TINY", "1")
+    monkeypatch.setenv("RAYPREFOPT_NOTEBOOK_OUTPUT", str(tmp_path))
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")  # this venv's kernel
+    path = REPO / "notebooks" / "sweep_dpo_vs_tdpo.ipynb"
+    notebook = nbformat.read(path, as_version=4)
+    NotebookClient(notebook, timeout=600, kernel_name="python3",
+                   resources={"metadata": {"path": str(path.parent)}}).execute()
+    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    assert any("image/png" in o.get("data", {}) for o in outputs)  # the front, inline
+    text = "".join(o.get("text", "") for o in outputs)
+    assert "mlflow ui --backend-store-uri" in text and "hypervolume" in text
+    parents = [p for p in (tmp_path).glob("sweep-*/sweep.json")]
+    assert len(parents) == 1
+    parent_id = json.loads(parents[0].read_text())["parent_run_id"]
+    assert len(_children(tmp_path, parent_id)) == 2
+    assert f"/runs/{parent_id}" in text  # the link to the parent run
+
+
+def _reward(out: Path) -> Path:
+    from pipeline.models.tiny import save_tiny_reward_model
+
+    folder = out / "tiny-reward"
+    save_tiny_reward_model(folder)
+    return folder

@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 CONFIG ?= configs/default.yaml
 ARGS   ?=
 
-.PHONY: setup run train test lint clean
+.PHONY: setup run train sweep test lint clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,9 @@ run: setup
 
 train: setup
 	HF_HUB_OFFLINE=1 $(PY) -m jobs.train --config $(CONFIG) $(ARGS)
+
+sweep: setup
+	HF_HUB_OFFLINE=1 $(PY) -m jobs.sweep --config $(CONFIG) $(ARGS)
 
 test: setup
 	$(VENV)/bin/ruff check pipeline jobs tests bench

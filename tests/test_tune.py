@@ -67,6 +67,22 @@ def test_a_sweep_needs_tracking_and_ray_train():
         check_sweep(load_config(TINY_CONFIG, ["distributed.enabled=false"]))
 
 
+def test_optuna_maximises_reward_and_minimises_kl_and_asha_stops_on_steps():
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from pipeline.tune.sweep import search_and_scheduler
+
+    assert search_and_scheduler(load_config(TINY_CONFIG)) == (None, None)  # grid, FIFO
+    cfg = load_config(TINY_CONFIG, ["sweep.search=optuna", "sweep.asha.enabled=true", "sweep.asha.metric=eval/kl",
+                                    "sweep.asha.mode=min", "sweep.asha.grace_period=2"])
+    search, scheduler = search_and_scheduler(cfg)
+    assert isinstance(search, OptunaSearch) and isinstance(scheduler, ASHAScheduler)
+    assert (search.metric, search.mode) == (["eval/reward", "eval/kl"], ["max", "min"])
+    assert (scheduler.metric, scheduler._mode) == ("eval/kl", "min")  # noqa: SLF001
+    assert scheduler._time_attr == "step" and scheduler._max_t == cfg.train.max_steps  # noqa: SLF001
+
+
 def test_best_config_per_method_is_the_highest_reward_on_its_front_within_the_budget():
     points = [Point("dpo", "a", 2, 1.0, 0.3), Point("dpo", "a", 4, 3.0, 0.5), Point("dpo", "b", 4, 2.0, 0.2),
               Point("tdpo2", "c", 4, 0.5, 0.4), Point("reference", "r", 0, 0.0, 0.1)]

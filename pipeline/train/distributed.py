@@ -226,16 +226,19 @@ def _fit(cfg: RunConfig, pairs: list, tokenizer: Any, storage: Path, run_folder:
     return result
 
 
-def reference_pass(cfg: RunConfig, pairs: list, pad_token_id: int, kind: str, root: Path) -> dict[str, int]:
-    """Fill ``root``'s reference cache with every chunk of ``pairs`` for ``kind`` (one pass, before any
-    training: a sweep's trials then read it). Returns forward passes run and chunks computed / cached."""
+def reference_pass(cfg: RunConfig, pairs: list, pad_token_id: int, kind: str, root: Path) -> dict[str, Any]:
+    """Fill ``root``'s reference cache with the chunks of ``pairs`` a run of ``cfg`` trains on, for ``kind``
+    (one pass, before any training: a sweep's trials then read it; a trial whose swept train.* settings
+    need more chunks computes those itself). Returns forward passes run and chunks computed / cached."""
     from pipeline.reference.cache import cache_key
     from pipeline.reference.group import ReferenceGroup
 
     plan = ChunkPlan(len(pairs), cfg.reference.chunk_size)
     fingerprint, meta = cache_key(cfg, pairs, kind)
     cache = ReferenceCache(root, fingerprint, kind, plan).create(meta)
-    todo = cache.missing()
+    needed = plan.first_need(consumption_order(cfg, len(pairs)))
+    missing = set(cache.missing())
+    todo = [c for c in needed if c in missing]
     forward_passes = 0
     if todo:
         r = cfg.reference
@@ -249,7 +252,7 @@ def reference_pass(cfg: RunConfig, pairs: list, pad_token_id: int, kind: str, ro
         finally:
             group.shutdown()
     return {"forward_passes": forward_passes, "computed_chunks": len(todo),
-            "cached_chunks": plan.num_chunks - len(todo), "fingerprint": fingerprint}
+            "cached_chunks": len(needed) - len(todo), "fingerprint": fingerprint}
 
 
 def _train_loop(config: dict[str, Any]) -> None:

@@ -208,18 +208,7 @@ def _tuner(cfg: RunConfig, dims: list[Dimension], spec: SweepSpec, folder: Path,
         return tune.Tuner.restore(str(_tune_state(folder)), trainable=trainable, resume_unfinished=True,
                                   resume_errored=True)
     s = cfg.sweep
-    search_alg = None
-    if s.search == "optuna":
-        from ray.tune.search.optuna import OptunaSearch
-
-        search_alg = OptunaSearch(metric=list(OBJECTIVES), mode=list(OBJECTIVES.values()), seed=s.seed)
-    scheduler = None
-    if s.asha.enabled:
-        from ray.tune.schedulers import ASHAScheduler
-
-        scheduler = ASHAScheduler(time_attr="step", metric=s.asha.metric, mode=s.asha.mode,
-                                  max_t=cfg.train.max_steps, grace_period=s.asha.grace_period,
-                                  reduction_factor=s.asha.reduction_factor)
+    search_alg, scheduler = search_and_scheduler(cfg)
     return tune.Tuner(
         trainable,
         param_space=tune_space(dims),
@@ -232,6 +221,24 @@ def _tuner(cfg: RunConfig, dims: list[Dimension], spec: SweepSpec, folder: Path,
         run_config=tune.RunConfig(name=_tune_state(folder).name, storage_path=str(folder),
                                   failure_config=tune.FailureConfig(max_failures=0), verbose=1),
     )
+
+
+def search_and_scheduler(cfg: RunConfig) -> tuple[Any, Any]:
+    """Ray Tune's search algorithm (None: the grid/random BasicVariantGenerator) and scheduler (None: FIFO)."""
+    s = cfg.sweep
+    search_alg = None
+    if s.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        search_alg = OptunaSearch(metric=list(OBJECTIVES), mode=list(OBJECTIVES.values()), seed=s.seed)
+    scheduler = None
+    if s.asha.enabled:
+        from ray.tune.schedulers import ASHAScheduler
+
+        scheduler = ASHAScheduler(time_attr="step", metric=s.asha.metric, mode=s.asha.mode,
+                                  max_t=cfg.train.max_steps, grace_period=s.asha.grace_period,
+                                  reduction_factor=s.asha.reduction_factor)
+    return search_alg, scheduler
 
 
 def run_trial(config: dict[str, Any], spec: SweepSpec) -> None:

@@ -188,7 +188,8 @@ def test_evaluate_job_on_a_saved_model(tmp_path, tiny_model_dir, tiny_reward_dir
     assert runs["evaluate-reference"].data.tags["method"] == "reference"
 
 
-@pytest.mark.parametrize("job", ["jobs.sft", "jobs.reward_model", "jobs.make_pairs", "jobs.evaluate", "jobs.pipeline"])
+@pytest.mark.parametrize("job", ["jobs.sft", "jobs.reward_model", "jobs.make_pairs", "jobs.evaluate", "jobs.pipeline",
+                                 "jobs.sweep"])
 def test_job_entry_points_parse_and_refuse_bad_config(job):
     assert run_module(job, "--help").returncode == 0
     bad = run_module(job, "--config", str(TINY_CONFIG), "loss.beta=-1")

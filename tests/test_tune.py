@@ -81,6 +81,22 @@ def test_optuna_maximises_reward_and_minimises_kl_and_asha_stops_on_steps():
     assert (search.metric, search.mode) == (["eval/reward", "eval/kl"], ["max", "min"])
     assert (scheduler.metric, scheduler._mode) == ("eval/kl", "min")  # noqa: SLF001
     assert scheduler._time_attr == "step" and scheduler._max_t == cfg.train.max_steps  # noqa: SLF001
+    with pytest.raises(ConfigError, match="sweep.asha.metric: 'eval/rewrd' is not a metric"):
+        check_sweep(load_config(TINY_CONFIG, ["sweep.asha.enabled=true", "sweep.asha.metric=eval/rewrd"]))
+
+
+def test_sweep_cli_refuses_bad_input_with_exit_2(tmp_path):
+    from tests.conftest import run_module
+
+    bad_space = run_module("jobs.sweep", "--config", str(TINY_CONFIG), f"output.dir={tmp_path}",
+                           "sweep.space={loss.beta: {uniform: [1, 0]}}")
+    assert bad_space.returncode == 2 and "sweep.space.loss.beta.uniform" in bad_space.stderr
+    assert "Traceback" not in bad_space.stderr
+    not_a_sweep = run_module("jobs.sweep", "--resume", str(tmp_path))
+    assert not_a_sweep.returncode == 2 and "sweep.json is missing" in not_a_sweep.stderr
+    with_overrides = run_module("jobs.sweep", "--resume", str(tmp_path), "loss.beta=0.2")
+    assert with_overrides.returncode == 2 and "overrides are not allowed" in with_overrides.stderr
+    assert not (tmp_path / "mlflow.db").exists()  # nothing was started
 
 
 def test_best_config_per_method_is_the_highest_reward_on_its_front_within_the_budget():
@@ -214,6 +230,8 @@ def test_a_killed_sweep_resumes_without_rerunning_or_duplicating(ray_cluster, tm
     assert len(rows) == 1 + 4 * 2  # the reference, two evaluations per trial
     trials = (tmp_path / "sweep" / "trials.csv").read_text().splitlines()
     assert len(trials) == 1 + 4
+    again = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "already exists" in again.stderr  # a finished sweep is not overwritten
 
 
 def test_the_notebook_runs_to_the_end(ray_cluster, tmp_path, monkeypatch):

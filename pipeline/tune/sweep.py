@@ -27,6 +27,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,7 +77,12 @@ class SweepSpec:
 
 def run_sweep(cfg: RunConfig, *, progress: bool = True) -> SweepResult:
     """A new sweep of cfg.sweep.space around cfg."""
+    from pipeline.train.distributed import storage_root
+
     sweep_id = cfg.output.run_name or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
+    if (storage_root(cfg) / sweep_id / "sweep.json").is_file():
+        raise PipelineError(f"sweep {sweep_id} already exists in {storage_root(cfg)}: finish it with "
+                            f"--resume {storage_root(cfg) / sweep_id}, or name a new one with output.run_name")
     return _sweep(cfg, sweep_id, restore=False, progress=progress)
 
 
@@ -101,6 +107,15 @@ def check_sweep(cfg: RunConfig) -> list[Dimension]:
     dims = parse_space(s.space, s.search)
     if s.search != "grid" and s.num_samples < 2:
         log.warning("sweep.search=%s with num_samples=%d runs a single trial", s.search, s.num_samples)
+    if s.asha.enabled:
+        from dataclasses import fields
+
+        from pipeline.eval.metrics import EvalPoint
+
+        known = [f"eval/{f.name}" for f in fields(EvalPoint)] + ["loss"]
+        if s.asha.metric not in known:  # Tune's strict metric check is off under ASHA: a typo must fail here
+            raise ConfigError(f"sweep.asha.metric: {s.asha.metric!r} is not a metric trials report; "
+                              f"one of {', '.join(known)}")
     check_space(cfg, dims)
     return dims
 
@@ -121,8 +136,8 @@ def _sweep(cfg: RunConfig, sweep_id: str, *, restore: bool, progress: bool,
     tokenizer, dataset = prepare_data(cfg, folder)
     assert dataset.pairs is not None
     build_evaluator(base, tokenizer)  # prompts and reward source, checked now
-    if restore and not _tune_state(folder).is_dir():
-        raise PipelineError(f"{folder} holds no Ray Tune experiment to restore ({_tune_state(folder)} is missing)")
+    # Killed before Tune wrote its experiment (during the reference pass): the trials start fresh.
+    restore_tuner = restore and _can_restore(folder)
     connect_ray(cfg.distributed.address)
     check_resources(base, base.reference.num_actors if base.reference.mode != "colocated" else 0)
 
@@ -137,7 +152,7 @@ def _sweep(cfg: RunConfig, sweep_id: str, *, restore: bool, progress: bool,
         result.reference_pass = _reference_pass(base, dims, dataset.pairs, tokenizer.pad_token_id, trial_root, parent)
         result.reference = _reference_point(base, sweep_id, parent)
         spec = SweepSpec(base.model_dump(mode="json"), sweep_id, parent.run_id, str(trial_root), progress)
-        grid = _tuner(cfg, dims, spec, folder, restore).fit()
+        grid = _tuner(cfg, dims, spec, folder, restore_tuner).fit()
         result.trials, result.failed = _trial_rows(grid)
         _report(cfg, result, parent)
         if result.failed:
@@ -195,6 +210,12 @@ def _tune_state(folder: Path) -> Path:
     return folder / "tune"
 
 
+def _can_restore(folder: Path) -> bool:
+    from ray import tune
+
+    return _tune_state(folder).is_dir() and tune.Tuner.can_restore(str(_tune_state(folder)))
+
+
 def _tuner(cfg: RunConfig, dims: list[Dimension], spec: SweepSpec, folder: Path, restore: bool):
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -235,9 +256,16 @@ def search_and_scheduler(cfg: RunConfig) -> tuple[Any, Any]:
     if s.asha.enabled:
         from ray.tune.schedulers import ASHAScheduler
 
+        # Trials report every step and evaluate every eval.every_steps: most reports carry no eval/*
+        # metric, which ASHA skips but Tune's strict check refuses (check_sweep validated the name).
+        os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+
         scheduler = ASHAScheduler(time_attr="step", metric=s.asha.metric, mode=s.asha.mode,
                                   max_t=cfg.train.max_steps, grace_period=s.asha.grace_period,
-                                  reduction_factor=s.asha.reduction_factor)
+                                  reduction_factor=s.asha.reduction_factor,
+                                  # A trial at its last step finishes on its own (export, final report,
+                                  # MLflow run ended); ASHA would otherwise stop it at max_t, mid-export.
+                                  stop_last_trials=False)
     return search_alg, scheduler
 
 
@@ -310,9 +338,14 @@ def _report(cfg: RunConfig, result: SweepResult, parent: Any) -> None:
         points.append(Point(REFERENCE_METHOD, f"{result.sweep_id}-reference", 0,
                             result.reference["eval/kl"], result.reference["eval/reward"]))
     result.pareto = log_pareto(cfg, points, tracker=parent, folder=result.folder / "pareto")
-    by_run = {row["mlflow_run_id"]: row for row in result.trials}
-    names = {run.info.run_name: run.info.run_id for run in _child_runs(cfg, result)}
-    swept = {name: {k: v for k, v in by_run.get(rid, {}).items() if k in flat_space(cfg.sweep.space)} for name, rid in names.items()}
+    keys = flat_space(cfg.sweep.space)
+    by_trial = {row["trial"]: {k: v for k, v in row.items() if k in keys} for row in result.trials}
+    swept = {}
+    for run in _child_runs(cfg, result):
+        swept[run.info.run_name] = by_trial.get(run.data.tags.get("trial"), {})
+        if run.info.status == "RUNNING":  # stopped early by ASHA: Tune ended the trial, not the run
+            parent.client.set_tag(run.info.run_id, "sweep.stopped_early", "true")
+            parent.client.set_terminated(run.info.run_id, "KILLED")
     result.kl_budget = cfg.sweep.kl_budget
     result.best = best_configs(points, swept, cfg.sweep.kl_budget)
     (result.folder / "best_configs.json").write_text(json.dumps(result.best, indent=2), encoding="utf-8")

@@ -83,6 +83,9 @@ def test_optuna_maximises_reward_and_minimises_kl_and_asha_stops_on_steps():
     assert scheduler._time_attr == "step" and scheduler._max_t == cfg.train.max_steps  # noqa: SLF001
     with pytest.raises(ConfigError, match="sweep.asha.metric: 'eval/rewrd' is not a metric"):
         check_sweep(load_config(TINY_CONFIG, ["sweep.asha.enabled=true", "sweep.asha.metric=eval/rewrd"]))
+    with pytest.raises(ConfigError, match="must be an eval/\\* metric with sweep.search=optuna"):
+        check_sweep(load_config(TINY_CONFIG, ["sweep.asha.enabled=true", "sweep.asha.metric=loss",
+                                              "sweep.search=optuna"]))
 
 
 def test_sweep_cli_refuses_bad_input_with_exit_2(tmp_path):
@@ -97,6 +100,31 @@ def test_sweep_cli_refuses_bad_input_with_exit_2(tmp_path):
     with_overrides = run_module("jobs.sweep", "--resume", str(tmp_path), "loss.beta=0.2")
     assert with_overrides.returncode == 2 and "overrides are not allowed" in with_overrides.stderr
     assert not (tmp_path / "mlflow.db").exists()  # nothing was started
+
+
+def test_trials_get_absolute_local_paths_and_the_sweeps_storage(tmp_path, monkeypatch):
+    """Tune runs each trial in a working directory of its own: relative paths must not reach it."""
+    from pipeline.tracking import tracking_uri
+    from pipeline.tune.sweep import _trial_base
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "pairs.jsonl").write_text("{}\n")
+    cfg = load_config(TINY_CONFIG, ["data.source=pairs.jsonl", "output.dir=out", "eval.reward.source=vader"])
+    base = _trial_base(cfg, tmp_path / "sw" / "trials")
+    assert base.data.source == str(tmp_path / "pairs.jsonl")
+    assert (base.eval.reward.source, base.model.policy) == ("vader", "builtin:tiny")  # not local files
+    assert base.output.dir == base.distributed.storage_path == str(tmp_path / "sw" / "trials")
+    assert base.tracking.uri == tracking_uri(cfg) == f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}"
+    assert base.eval.enabled
+
+
+def test_strict_metric_checking_is_off_only_while_tune_runs(monkeypatch):
+    from pipeline.tune.sweep import _trial_metrics_unchecked
+
+    monkeypatch.delenv("TUNE_DISABLE_STRICT_METRIC_CHECKING", raising=False)
+    with _trial_metrics_unchecked():
+        assert os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] == "1"
+    assert "TUNE_DISABLE_STRICT_METRIC_CHECKING" not in os.environ
 
 
 def test_best_config_per_method_is_the_highest_reward_on_its_front_within_the_budget():
@@ -232,6 +260,32 @@ def test_a_killed_sweep_resumes_without_rerunning_or_duplicating(ray_cluster, tm
     assert len(trials) == 1 + 4
     again = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert again.returncode == 2 and "already exists" in again.stderr  # a finished sweep is not overwritten
+    resumed = subprocess.run([sys.executable, "-m", "jobs.sweep", "--resume", str(tmp_path / "sweep")],
+                             cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 2 and "has finished" in resumed.stderr  # nor reported twice
+
+
+def test_an_optuna_sweep_with_asha_runs_on_eval_reports(ray_cluster, tmp_path):
+    """Multi-objective Optuna and ASHA in a real sweep: trials report every step, evaluations every 2;
+    the search gets both objectives from every finished trial, ASHA reads eval/reward at its rungs."""
+    from pipeline.tune.sweep import run_sweep
+
+    cfg = load_config(TINY_CONFIG, [*TINY_SWEEP, f"output.dir={tmp_path}", "output.run_name=opt",
+                                    f"eval.reward.source={_reward(tmp_path)}", "sweep.search=optuna",
+                                    "sweep.num_samples=2", "sweep.asha.enabled=true", "sweep.asha.grace_period=2",
+                                    "sweep.evaluate_reference=false",
+                                    "sweep.space={loss.name: [dpo, tdpo2], loss.beta: {loguniform: [0.05, 1.0]}}"])
+    result = run_sweep(cfg, progress=False)
+    assert len(result.trials) == 2
+    for row in result.trials:
+        assert row["loss.name"] in ("dpo", "tdpo2") and 0.05 <= row["loss.beta"] <= 1.0
+        assert row["eval/reward"] is not None and row["eval/kl"] is not None
+    children = _children(tmp_path, result.parent_run_id)
+    assert len(children) == 2
+    for run in children:
+        finished = run.info.status == "FINISHED"
+        assert finished or run.data.tags.get("sweep.stopped_early") == "true"  # ASHA's, ended and tagged
+    assert "TUNE_DISABLE_STRICT_METRIC_CHECKING" not in os.environ
 
 
 def test_the_notebook_runs_to_the_end(ray_cluster, tmp_path, monkeypatch):

@@ -118,11 +118,3 @@ def tune_space(dims: list[Dimension]) -> dict[str, Any]:
              "uniform": lambda v: tune.uniform(*v), "loguniform": lambda v: tune.loguniform(*v),
              "randint": lambda v: tune.randint(*v)}
     return {dim.key: build[dim.kind](list(dim.values)) for dim in dims}
-
-
-def grid_size(dims: list[Dimension]) -> int:
-    size = 1
-    for dim in dims:
-        if dim.kind == "grid":
-            size *= len(dim.values)
-    return size

@@ -2,21 +2,21 @@
 
     driver   config + search space checked (every candidate), data tokenized, Ray connected
              MLflow parent run opened (or reopened on resume)
-             the reference pass: every chunk of the pairs into the sweep's reference cache, once
+             the reference pass: the chunks a run trains on into the sweep's reference cache, once
              the untrained reference evaluated once (its point goes on the parent run)
              Tuner.fit(): trials run ``run_trial`` with at most sweep.max_concurrent_trials at once
-             the Pareto fronts of every trial's evaluation points, hypervolumes and the best config
-             per method, on the parent run
+             all trials done: the fronts of their evaluation points, hypervolumes and the best config
+             per method on the parent run (pipeline.tune.results); otherwise SweepUnfinished
     trial    a TorchTrainer (Ray Train V2 inside the Tune trial) with its periodic evaluation; its
-             reports reach Tune through TuneReportCallback (ASHA and Optuna read them); one MLflow
+             reports reach Tune through a TuneReportCallback (ASHA and Optuna read them); one MLflow
              child run (tags: mlflow.parentRunId, sweep, trial), the trial's values as params
 
 Folder ``<storage>/<sweep id>/``: config.yaml, sweep.json (ids), tune/ (Ray Tune's experiment:
 what ``Tuner.restore`` reads), trials/ (each trial's Train run, and the shared reference-cache/),
 pareto/, trials.csv, best_configs.json.
 
-Resume (the driver killed): ``resume_sweep(folder)`` reopens the parent run and calls
-``Tuner.restore``. Finished trials are not run again. A trial that was running restarts with the
+Resume (Ctrl-C, the driver killed, failed trials): ``resume_sweep(folder)`` reopens the parent run
+and calls ``Tuner.restore`` (failed trials run again). Finished trials are not run again. A trial that was running restarts with the
 same trial id: it finds its MLflow run by tag and logs into it (no second run), and its Train run
 resumes from its last checkpoint (distributed.checkpoint_every). A trial whose MLflow run is
 FINISHED but that Tune had not yet recorded as done reports its logged result instead of training.
@@ -24,22 +24,22 @@ FINISHED but that Tune had not yet recorded as done reports its logged result in
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import RunConfig, load_config, save_config
 from pipeline.errors import ConfigError, PipelineError
+from pipeline.tune.results import best_configs, report_sweep, summary_table  # noqa: F401 (the public API)
 from pipeline.tune.space import (
     Dimension,
     any_token_level,
     check_space,
-    flat_space,
     parse_space,
     trial_config,
     tune_space,
@@ -47,6 +47,10 @@ from pipeline.tune.space import (
 
 log = logging.getLogger(__name__)
 OBJECTIVES = {"eval/reward": "max", "eval/kl": "min"}  # the Optuna search's two objectives
+
+
+class SweepUnfinished(PipelineError):
+    """Trials failed or the sweep was interrupted; ``--resume`` finishes it (failed trials run again)."""
 
 
 @dataclass
@@ -80,10 +84,11 @@ def run_sweep(cfg: RunConfig, *, progress: bool = True) -> SweepResult:
     from pipeline.train.distributed import storage_root
 
     sweep_id = cfg.output.run_name or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
-    if (storage_root(cfg) / sweep_id / "sweep.json").is_file():
+    folder = storage_root(cfg) / sweep_id
+    if (folder / "sweep.json").is_file():
         raise PipelineError(f"sweep {sweep_id} already exists in {storage_root(cfg)}: finish it with "
-                            f"--resume {storage_root(cfg) / sweep_id}, or name a new one with output.run_name")
-    return _sweep(cfg, sweep_id, restore=False, progress=progress)
+                            f"--resume {folder}, or name a new one with output.run_name")
+    return _sweep(cfg, sweep_id, folder, restore=False, progress=progress)
 
 
 def resume_sweep(folder: str | Path, *, progress: bool = True) -> SweepResult:
@@ -94,7 +99,13 @@ def resume_sweep(folder: str | Path, *, progress: bool = True) -> SweepResult:
         raise PipelineError(f"{folder} is not a sweep folder: {state.name} is missing")
     ids = json.loads(state.read_text(encoding="utf-8"))
     cfg = load_config(folder / "config.yaml")
-    return _sweep(cfg, ids["sweep_id"], restore=True, progress=progress, parent_run_id=ids["parent_run_id"])
+    cfg.tracking.uri = ids["tracking_uri"]  # where the parent run is, whatever $MLFLOW_TRACKING_URI says now
+    from mlflow.tracking import MlflowClient
+
+    status = MlflowClient(ids["tracking_uri"]).get_run(ids["parent_run_id"]).info.status
+    if status == "FINISHED":
+        raise PipelineError(f"sweep {ids['sweep_id']} in {folder} has finished: nothing to resume")
+    return _sweep(cfg, ids["sweep_id"], folder, restore=True, progress=progress, parent_run_id=ids["parent_run_id"])
 
 
 def check_sweep(cfg: RunConfig) -> list[Dimension]:
@@ -116,20 +127,22 @@ def check_sweep(cfg: RunConfig) -> list[Dimension]:
         if s.asha.metric not in known:  # Tune's strict metric check is off under ASHA: a typo must fail here
             raise ConfigError(f"sweep.asha.metric: {s.asha.metric!r} is not a metric trials report; "
                               f"one of {', '.join(known)}")
+        if s.search == "optuna" and not s.asha.metric.startswith("eval/"):
+            # A trial ASHA stops on `loss` may have no evaluation yet: Optuna would get no objectives.
+            raise ConfigError("sweep.asha.metric must be an eval/* metric with sweep.search=optuna")
     check_space(cfg, dims)
     return dims
 
 
-def _sweep(cfg: RunConfig, sweep_id: str, *, restore: bool, progress: bool,
+def _sweep(cfg: RunConfig, sweep_id: str, folder: Path, *, restore: bool, progress: bool,
            parent_run_id: str | None = None) -> SweepResult:
     from pipeline.eval.evaluator import build_evaluator
-    from pipeline.tracking import flatten, open_tracker
-    from pipeline.train.distributed import check_resources, connect_ray, storage_root
+    from pipeline.tracking import flatten, open_tracker, tracking_uri
+    from pipeline.train.distributed import connect_ray
     from pipeline.train.local import prepare_data
 
     started = time.perf_counter()
     dims = check_sweep(cfg)
-    folder = storage_root(cfg) / sweep_id
     trial_root = folder / "trials"
     trial_root.mkdir(parents=True, exist_ok=True)
     base = _trial_base(cfg, trial_root)
@@ -139,35 +152,61 @@ def _sweep(cfg: RunConfig, sweep_id: str, *, restore: bool, progress: bool,
     # Killed before Tune wrote its experiment (during the reference pass): the trials start fresh.
     restore_tuner = restore and _can_restore(folder)
     connect_ray(cfg.distributed.address)
-    check_resources(base, base.reference.num_actors if base.reference.mode != "colocated" else 0)
+    _check_one_trial_fits(base)
 
     with open_tracker(cfg, sweep_id, tags={"sweep": sweep_id, "stage": "sweep"}, run_id=parent_run_id) as parent:
         if not restore:
             save_config(cfg, folder)
-            (folder / "sweep.json").write_text(json.dumps({"sweep_id": sweep_id, "parent_run_id": parent.run_id}),
-                                              encoding="utf-8")
+            ids = {"sweep_id": sweep_id, "parent_run_id": parent.run_id, "tracking_uri": tracking_uri(cfg)}
+            (folder / "sweep.json").write_text(json.dumps(ids), encoding="utf-8")
             parent.log_params({**flatten(cfg.model_dump(mode="json")), "sweep.space": json.dumps(cfg.sweep.space)})
             parent.log_artifact(folder / "config.yaml")
         result = SweepResult(sweep_id, folder, parent.run_id)
         result.reference_pass = _reference_pass(base, dims, dataset.pairs, tokenizer.pad_token_id, trial_root, parent)
         result.reference = _reference_point(base, sweep_id, parent)
         spec = SweepSpec(base.model_dump(mode="json"), sweep_id, parent.run_id, str(trial_root), progress)
-        grid = _tuner(cfg, dims, spec, folder, restore_tuner).fit()
+        with _trial_metrics_unchecked():
+            grid = _tuner(cfg, dims, spec, folder, restore_tuner).fit()
         result.trials, result.failed = _trial_rows(grid)
-        _report(cfg, result, parent)
-        if result.failed:
-            raise PipelineError(f"{len(result.failed)} sweep trial(s) failed (the others are reported on the "
-                                f"parent run {parent.run_id}):\n" + "\n".join(result.failed))
+        if result.failed or grid.num_terminated + grid.num_errors < len(grid):  # a trial failed; or Ctrl-C
+            raise SweepUnfinished(f"sweep {sweep_id} did not finish: {len(result.trials)} of {len(grid)} trials "
+                                  f"done; finish it with --resume {folder}" +
+                                  "".join(f"\nfailed trial{e}" for e in result.failed))
+        report_sweep(cfg, result, parent, {row["trial"] for row in result.trials})
     result.seconds = time.perf_counter() - started
     return result
 
 
+# Fields that may name local files or folders: Tune runs each trial in a working directory of its own.
+LOCAL_PATHS = (("data", "source"), ("eval", "prompts"), ("eval", "reward", "source"), ("model", "policy"),
+               ("model", "reference"), ("model", "tokenizer"))
+
+
+def _check_one_trial_fits(base: RunConfig) -> None:
+    from pipeline.train.distributed import require_resources
+
+    d, r = base.distributed, base.reference
+    actors = r.num_actors if r.mode != "colocated" else 0
+    require_resources({"CPU": base.sweep.trial_cpus + d.num_workers * d.cpus_per_worker + actors * r.cpus_per_actor,
+                       "GPU": d.num_workers * int(d.use_gpu) + actors * r.gpus_per_actor},
+                      f"one sweep trial: sweep.trial_cpus={base.sweep.trial_cpus:g}, {d.num_workers} worker(s) x "
+                      f"distributed.cpus_per_worker={d.cpus_per_worker:g} (use_gpu={d.use_gpu}) and {actors} reference "
+                      f"actor(s) x reference.cpus_per_actor={r.cpus_per_actor:g}, gpus_per_actor={r.gpus_per_actor:g}")
+
+
 def _trial_base(cfg: RunConfig, trial_root: Path) -> RunConfig:
     """The config every trial starts from: evaluation on, runs and cache under the sweep's folder,
-    the tracking store pinned (it would otherwise follow output.dir)."""
+    the tracking store pinned (it would otherwise follow output.dir), local paths made absolute."""
     from pipeline.tracking import tracking_uri
 
     tree = cfg.model_dump(mode="json")
+    for path in LOCAL_PATHS:
+        node = tree
+        for key in path[:-1]:
+            node = node[key]
+        spec = node[path[-1]]
+        if isinstance(spec, str) and not spec.startswith("builtin:") and Path(spec).expanduser().exists():
+            node[path[-1]] = str(Path(spec).expanduser().resolve())
     tree["eval"]["enabled"] = True
     tree["output"]["dir"] = str(trial_root)
     tree["distributed"]["storage_path"] = str(trial_root)
@@ -204,6 +243,23 @@ def _reference_point(base: RunConfig, sweep_id: str, parent: Any) -> dict[str, f
         return {k: v for k, v in logged.items() if k.startswith("eval/")}
     point, _ = evaluate_model(base, base.model.reference_spec, f"{sweep_id}-reference", tracker=parent)
     return point.metrics()
+
+
+@contextmanager
+def _trial_metrics_unchecked():
+    """Trials report every step but evaluate every eval.every_steps: most reports carry no eval/*
+    metric, which ASHA and Optuna skip but Tune's strict metric check refuses. Off while Tune runs
+    (check_sweep validated the metric names instead), restored afterwards."""
+    key = "TUNE_DISABLE_STRICT_METRIC_CHECKING"
+    before = os.environ.get(key)
+    os.environ[key] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
 
 
 def _tune_state(folder: Path) -> Path:
@@ -256,9 +312,6 @@ def search_and_scheduler(cfg: RunConfig) -> tuple[Any, Any]:
     if s.asha.enabled:
         from ray.tune.schedulers import ASHAScheduler
 
-        # Trials report every step and evaluate every eval.every_steps: most reports carry no eval/*
-        # metric, which ASHA skips but Tune's strict check refuses (check_sweep validated the name).
-        os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
 
         scheduler = ASHAScheduler(time_attr="step", metric=s.asha.metric, mode=s.asha.mode,
                                   max_t=cfg.train.max_steps, grace_period=s.asha.grace_period,
@@ -273,11 +326,11 @@ def run_trial(config: dict[str, Any], spec: SweepSpec) -> None:
     """One Tune trial: the trial's config, its MLflow child run (found again on a restart), a
     TorchTrainer whose reports reach Tune, then the final evaluation point as the trial's result."""
     import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from pipeline.stages.pipeline import run_label
     from pipeline.tracking import find_run
     from pipeline.train.distributed import train_distributed
+    from pipeline.tune.callbacks import ReportsBeforeLastStep
 
     trial_id = ray.tune.get_context().get_trial_id()
     params = dict(config)
@@ -289,7 +342,7 @@ def run_trial(config: dict[str, Any], spec: SweepSpec) -> None:
     if existing is not None and existing.info.status == "FINISHED":  # done before the driver died
         ray.tune.report(_logged_result(existing))
         return
-    trained = train_distributed(cfg, progress=spec.progress, callbacks=[TuneReportCallback()],
+    trained = train_distributed(cfg, progress=spec.progress, callbacks=[ReportsBeforeLastStep(cfg.train.max_steps)],
                                 mlflow_run_id=existing.info.run_id if existing is not None else None)
     final = trained.evaluations[-1] if trained.evaluations else {}
     ray.tune.report({**{k: v for k, v in final.items() if k != "step"}, "step": cfg.train.max_steps,
@@ -325,102 +378,3 @@ def _trial_rows(grid: Any) -> tuple[list[dict[str, Any]], list[str]]:
                      **{k: metrics.get(k) for k in ("eval/reward", "eval/kl", "eval/entropy", "loss",
                                                     "reference/forward_passes", "mlflow_run_id")}})
     return sorted(rows, key=lambda r: r["trial"]), failed
-
-
-def _report(cfg: RunConfig, result: SweepResult, parent: Any) -> None:
-    """Fronts over every trial's evaluation points, hypervolumes, best configs and the trial table."""
-    from pipeline.eval.pareto import REFERENCE_METHOD, Point
-    from pipeline.eval.runs import experiment_points, log_pareto
-
-    points = experiment_points(cfg, filter_string=f"tags.sweep = '{result.sweep_id}' and "
-                                                  f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'")
-    if result.reference:
-        points.append(Point(REFERENCE_METHOD, f"{result.sweep_id}-reference", 0,
-                            result.reference["eval/kl"], result.reference["eval/reward"]))
-    result.pareto = log_pareto(cfg, points, tracker=parent, folder=result.folder / "pareto")
-    keys = flat_space(cfg.sweep.space)
-    by_trial = {row["trial"]: {k: v for k, v in row.items() if k in keys} for row in result.trials}
-    swept = {}
-    for run in _child_runs(cfg, result):
-        swept[run.info.run_name] = by_trial.get(run.data.tags.get("trial"), {})
-        if run.info.status == "RUNNING":  # stopped early by ASHA: Tune ended the trial, not the run
-            parent.client.set_tag(run.info.run_id, "sweep.stopped_early", "true")
-            parent.client.set_terminated(run.info.run_id, "KILLED")
-    result.kl_budget = cfg.sweep.kl_budget
-    result.best = best_configs(points, swept, cfg.sweep.kl_budget)
-    (result.folder / "best_configs.json").write_text(json.dumps(result.best, indent=2), encoding="utf-8")
-    parent.log_artifact(result.folder / "best_configs.json")
-    parent.log_params({f"best.{method}.{key}": value for method, best in result.best.items()
-                       for key, value in best["config"].items()})
-    table = result.folder / "trials.csv"
-    _write_rows(table, result.trials)
-    parent.log_artifact(table)
-
-
-def _child_runs(cfg: RunConfig, result: SweepResult) -> list[Any]:
-    from mlflow.tracking import MlflowClient
-
-    from pipeline.tracking import tracking_uri
-
-    client = MlflowClient(tracking_uri(cfg))
-    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
-    return client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'",
-                              max_results=10_000)
-
-
-def best_configs(points: list, configs: dict[str, dict[str, Any]], kl_budget: float | None) -> dict[str, Any]:
-    """Per method: the point on its front with the highest reward whose KL is within ``kl_budget``
-    (no budget: the front's highest reward), and the swept values of the trial it came from."""
-    from pipeline.eval.pareto import REFERENCE_METHOD, by_method, pareto_front
-
-    best = {}
-    for method, group in sorted(by_method(points).items()):
-        if method == REFERENCE_METHOD:
-            continue
-        eligible = [p for p in pareto_front(group) if kl_budget is None or p.kl <= kl_budget]
-        if not eligible:
-            continue
-        p = max(eligible, key=lambda p: p.reward)
-        best[method] = {"run": p.run, "step": p.step, "reward": p.reward, "kl": p.kl,
-                        "config": configs.get(p.run, {})}
-    return best
-
-
-def _write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
-    keys: list[str] = []
-    for row in rows:
-        keys += [k for k in row if k not in keys]
-    with path.open("w", newline="", encoding="utf-8") as f:
-        out = csv.DictWriter(f, fieldnames=keys)
-        out.writeheader()
-        out.writerows(rows)
-
-
-def summary_table(result: SweepResult, uri: str, experiment: str) -> str:
-    """What jobs.sweep prints at the end, with where to look in the MLflow UI."""
-    lines = [f"sweep {result.sweep_id}: {len(result.trials)} trials in {result.seconds / 60:.1f} min", ""]
-    rp = result.reference_pass
-    if rp:
-        lines.append(f"reference pass: {rp['forward_passes']} forward passes ({rp['kind']} statistics), "
-                     f"{rp['computed_chunks']} chunks computed, {rp['cached_chunks']} already cached")
-    if result.reference:
-        lines.append(f"reference (untrained): reward {result.reference['eval/reward']:.4f}")
-    keys = [k for k in (result.trials[0] if result.trials else {}) if k not in ("trial", "mlflow_run_id")]
-    lines += ["", "  ".join(f"{k:>12}" for k in ["trial", *keys])]
-    for row in result.trials:
-        cells = [row["trial"]] + [f"{row[k]:.4g}" if isinstance(row[k], float) else str(row[k]) for k in keys]
-        lines.append("  ".join(f"{c:>12}" for c in cells))
-    ref_kl, ref_reward = result.pareto["reference_point"]
-    lines += ["", f"hypervolume (reference point: KL {ref_kl:.4g}, reward {ref_reward:.4g}):"]
-    for s in result.pareto["summary"]:
-        lines.append(f"  {s.method:<6} {s.hypervolume:.5f}   ({s.front} of {s.points} points on the front)")
-    lines.append("best configuration per method" + (f" (KL <= {result.kl_budget:g})" if result.kl_budget else "") + ":")
-    for method, best in result.best.items():
-        lines.append(f"  {method:<6} {best['config']}  reward {best['reward']:.4f} at KL {best['kl']:.4f} "
-                     f"(step {best['step']})")
-    ui = f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1" if uri.startswith("sqlite") else uri
-    lines += ["", f"MLflow: {ui}",
-              f"  experiment '{experiment}', parent run '{result.sweep_id}' (expand it: one child run per trial);",
-              "  the fronts: the parent's artifacts pareto/pareto.png, pareto/*.csv, best_configs.json, trials.csv"]
-    return "\n".join(lines)
-

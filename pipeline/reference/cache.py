@@ -131,8 +131,9 @@ class ReferenceCache:
             return False
         return sequences == 2 * len(self.plan.pairs(chunk))
 
-    def missing(self) -> list[int]:
-        return [c for c in range(self.plan.num_chunks) if not self.valid(c)]
+    def missing(self, chunks: Sequence[int] | None = None) -> list[int]:
+        """Of ``chunks`` (default: all), in their order, those not (validly) in the cache."""
+        return [c for c in (range(self.plan.num_chunks) if chunks is None else chunks) if not self.valid(c)]
 
     def write(self, chunk: int, stats: SequenceStats) -> None:
         from safetensors.torch import save

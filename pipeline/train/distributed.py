@@ -70,13 +70,16 @@ def require_resources(need: dict[str, float], what: str) -> None:
                             + f" for {what}")
 
 
-def check_resources(cfg: RunConfig, actors: int) -> None:
-    """The training workers and ``actors`` reference actors must fit in the cluster."""
+def check_resources(cfg: RunConfig, actors: int, *, workers: int | None = None, driver_cpus: float = 0.0) -> None:
+    """``workers`` training workers (default: distributed.num_workers), ``actors`` reference actors and
+    ``driver_cpus`` more (a sweep trial's own) must fit in the cluster."""
     d, r = cfg.distributed, cfg.reference
+    workers = d.num_workers if workers is None else workers
     require_resources(
-        {"CPU": d.num_workers * d.cpus_per_worker + actors * r.cpus_per_actor,
-         "GPU": d.num_workers * int(d.use_gpu) + actors * r.gpus_per_actor},
-        f"{d.num_workers} worker(s) x distributed.cpus_per_worker={d.cpus_per_worker:g} (use_gpu={d.use_gpu})"
+        {"CPU": driver_cpus + workers * d.cpus_per_worker + actors * r.cpus_per_actor,
+         "GPU": workers * int(d.use_gpu) + actors * r.gpus_per_actor},
+        (f"sweep.trial_cpus={driver_cpus:g}, " if driver_cpus else "")
+        + f"{workers} worker(s) x distributed.cpus_per_worker={d.cpus_per_worker:g} (use_gpu={d.use_gpu})"
         f" and {actors} reference actor(s) x reference.cpus_per_actor={r.cpus_per_actor:g},"
         f" gpus_per_actor={r.gpus_per_actor:g}")
 
@@ -116,6 +119,12 @@ def consumption_order(cfg: RunConfig, num_pairs: int) -> list[int]:
     return order
 
 
+def run_chunks(cfg: RunConfig, num_pairs: int) -> tuple[ChunkPlan, list[int]]:
+    """The chunk plan of ``num_pairs`` pairs, and the chunks a run of cfg trains on, in first-need order."""
+    plan = ChunkPlan(num_pairs, cfg.reference.chunk_size)
+    return plan, plan.first_need(consumption_order(cfg, num_pairs))
+
+
 def train_distributed(cfg: RunConfig, *, progress: bool = True, run_dir: Path | None = None,
                       faults: dict[str, Any] | None = None, mlflow_run_id: str | None = None,
                       callbacks: list[Any] | None = None) -> TrainResult:
@@ -149,6 +158,7 @@ def train_distributed(cfg: RunConfig, *, progress: bool = True, run_dir: Path | 
             if cfg.tracking.log_model:
                 tracker.log_artifact(result.model_dir, "model")
     result.run_dir = run_dir
+    result.run_id = tracker.run_id
     return result
 
 
@@ -170,14 +180,12 @@ def _fit(cfg: RunConfig, pairs: list, tokenizer: Any, storage: Path, run_folder:
     else:
         from pipeline.reference.group import ReferenceGroup
 
-        plan = ChunkPlan(len(pairs), cfg.reference.chunk_size)
+        plan, todo = run_chunks(cfg, len(pairs))
         cache = None
-        todo = plan.first_need(consumption_order(cfg, len(pairs)))
         if cfg.reference.cache:
             cache = usable_cache(cfg, pairs, kind, plan, storage, todo)
-            missing = set(cache.missing())
-            cached_chunks = sum(c not in missing for c in todo)
-            todo = [c for c in todo if c in missing]
+            needed, todo = todo, cache.missing(todo)
+            cached_chunks = len(needed) - len(todo)
         refs = {}
         # Everything cached and no evaluation: no actor, no model load.
         need_actors = bool(todo) or evaluator is not None
@@ -233,18 +241,13 @@ def reference_pass(cfg: RunConfig, pairs: list, pad_token_id: int, kind: str, ro
     from pipeline.reference.cache import cache_key
     from pipeline.reference.group import ReferenceGroup
 
-    plan = ChunkPlan(len(pairs), cfg.reference.chunk_size)
+    plan, needed = run_chunks(cfg, len(pairs))
     fingerprint, meta = cache_key(cfg, pairs, kind)
     cache = ReferenceCache(root, fingerprint, kind, plan).create(meta)
-    needed = plan.first_need(consumption_order(cfg, len(pairs)))
-    missing = set(cache.missing())
-    todo = [c for c in needed if c in missing]
+    todo = cache.missing(needed)
     forward_passes = 0
     if todo:
-        r = cfg.reference
-        require_resources({"CPU": r.num_actors * r.cpus_per_actor, "GPU": r.num_actors * r.gpus_per_actor},
-                          f"{r.num_actors} reference actor(s) x reference.cpus_per_actor={r.cpus_per_actor:g},"
-                          f" gpus_per_actor={r.gpus_per_actor:g}")
+        check_resources(cfg, cfg.reference.num_actors, workers=0)
         group = ReferenceGroup(cfg, kind, pairs, pad_token_id, cache, plan)
         try:
             group.submit(todo)

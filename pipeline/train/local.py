@@ -43,6 +43,7 @@ class TrainResult:
     reference_restarts: int = 0  # distributed: reference actors replaced after dying
     checkpoint: str | None = None  # distributed: the last checkpoint
     evaluations: list[dict[str, float]] = field(default_factory=list)  # {"step", "eval/reward", ...} per evaluation
+    run_id: str | None = None  # distributed: the run's MLflow run
 
 
 def steady_median(seconds: list[float]) -> float:

@@ -58,6 +58,7 @@ class SweepResult:
     sweep_id: str
     folder: Path
     parent_run_id: str
+    tracking_uri: str
     trials: list[dict[str, Any]] = field(default_factory=list)
     reference: dict[str, float] = field(default_factory=dict)
     reference_pass: dict[str, Any] = field(default_factory=dict)
@@ -138,7 +139,7 @@ def _sweep(cfg: RunConfig, sweep_id: str, folder: Path, *, restore: bool, progre
            parent_run_id: str | None = None) -> SweepResult:
     from pipeline.eval.evaluator import build_evaluator
     from pipeline.tracking import flatten, open_tracker, tracking_uri
-    from pipeline.train.distributed import connect_ray
+    from pipeline.train.distributed import check_resources, connect_ray
     from pipeline.train.local import prepare_data
 
     started = time.perf_counter()
@@ -152,7 +153,8 @@ def _sweep(cfg: RunConfig, sweep_id: str, folder: Path, *, restore: bool, progre
     # Killed before Tune wrote its experiment (during the reference pass): the trials start fresh.
     restore_tuner = restore and _can_restore(folder)
     connect_ray(cfg.distributed.address)
-    _check_one_trial_fits(base)
+    check_resources(base, base.reference.num_actors if base.reference.mode != "colocated" else 0,
+                    driver_cpus=base.sweep.trial_cpus)  # one trial must fit
 
     with open_tracker(cfg, sweep_id, tags={"sweep": sweep_id, "stage": "sweep"}, run_id=parent_run_id) as parent:
         if not restore:
@@ -161,7 +163,7 @@ def _sweep(cfg: RunConfig, sweep_id: str, folder: Path, *, restore: bool, progre
             (folder / "sweep.json").write_text(json.dumps(ids), encoding="utf-8")
             parent.log_params({**flatten(cfg.model_dump(mode="json")), "sweep.space": json.dumps(cfg.sweep.space)})
             parent.log_artifact(folder / "config.yaml")
-        result = SweepResult(sweep_id, folder, parent.run_id)
+        result = SweepResult(sweep_id, folder, parent.run_id, tracking_uri(cfg))
         result.reference_pass = _reference_pass(base, dims, dataset.pairs, tokenizer.pad_token_id, trial_root, parent)
         result.reference = _reference_point(base, sweep_id, parent)
         spec = SweepSpec(base.model_dump(mode="json"), sweep_id, parent.run_id, str(trial_root), progress)
@@ -180,18 +182,6 @@ def _sweep(cfg: RunConfig, sweep_id: str, folder: Path, *, restore: bool, progre
 # Fields that may name local files or folders: Tune runs each trial in a working directory of its own.
 LOCAL_PATHS = (("data", "source"), ("eval", "prompts"), ("eval", "reward", "source"), ("model", "policy"),
                ("model", "reference"), ("model", "tokenizer"))
-
-
-def _check_one_trial_fits(base: RunConfig) -> None:
-    from pipeline.train.distributed import require_resources
-
-    d, r = base.distributed, base.reference
-    actors = r.num_actors if r.mode != "colocated" else 0
-    require_resources({"CPU": base.sweep.trial_cpus + d.num_workers * d.cpus_per_worker + actors * r.cpus_per_actor,
-                       "GPU": d.num_workers * int(d.use_gpu) + actors * r.gpus_per_actor},
-                      f"one sweep trial: sweep.trial_cpus={base.sweep.trial_cpus:g}, {d.num_workers} worker(s) x "
-                      f"distributed.cpus_per_worker={d.cpus_per_worker:g} (use_gpu={d.use_gpu}) and {actors} reference "
-                      f"actor(s) x reference.cpus_per_actor={r.cpus_per_actor:g}, gpus_per_actor={r.gpus_per_actor:g}")
 
 
 def _trial_base(cfg: RunConfig, trial_root: Path) -> RunConfig:
@@ -348,14 +338,7 @@ def run_trial(config: dict[str, Any], spec: SweepSpec) -> None:
     ray.tune.report({**{k: v for k, v in final.items() if k != "step"}, "step": cfg.train.max_steps,
                      "loss": trained.history[-1]["loss"], "seconds_per_step": trained.seconds_per_step,
                      "reference/forward_passes": trained.reference_forward_passes,
-                     "mlflow_run_id": _run_id(cfg, identity)})
-
-
-def _run_id(cfg: RunConfig, identity: dict[str, str]) -> str:
-    from pipeline.tracking import find_run
-
-    run = find_run(cfg, identity)
-    return run.info.run_id if run is not None else ""
+                     "mlflow_run_id": trained.run_id})
 
 
 def _logged_result(run: Any) -> dict[str, Any]:

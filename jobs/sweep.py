@@ -23,19 +23,16 @@ def main() -> int:
                              "its saved config is used, so no --config or overrides")
     args = parser.parse_intermixed_args()
     from pipeline.config import load_config
-    from pipeline.tracking import tracking_uri
-    from pipeline.tune.sweep import check_sweep, resume_sweep, run_sweep, summary_table
+    from pipeline.tune.sweep import resume_sweep, run_sweep, summary_table
 
     if args.resume:
         if args.overrides:
             raise ConfigError("--resume takes the sweep's saved config; overrides are not allowed")
         result = resume_sweep(args.resume)
     else:
-        cfg = load_config(args.config, args.overrides)
-        check_sweep(cfg)
-        result = run_sweep(cfg)
+        result = run_sweep(load_config(args.config, args.overrides))
     cfg = load_config(result.folder / "config.yaml")
-    print("\n" + summary_table(result, tracking_uri(cfg), cfg.tracking.experiment), flush=True)
+    print("\n" + summary_table(result, result.tracking_uri, cfg.tracking.experiment), flush=True)
     return 0
 
 

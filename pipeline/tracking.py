@@ -149,13 +149,22 @@ def open_tracker(cfg: RunConfig, run_name: str, *, rank: int = 0, tags: dict[str
     return Tracker(client, run.info.run_id, uri)
 
 
-def find_run(cfg: RunConfig, tags: dict[str, str]) -> Any | None:
-    """The one live run of cfg's experiment carrying all ``tags`` (a sweep's parent, a trial), or None."""
+def experiment_client(cfg: RunConfig) -> tuple[Any, Any | None]:
+    """(an MlflowClient on cfg's tracking store, cfg's experiment, or None where it does not exist yet)."""
     from mlflow.tracking import MlflowClient
 
-    uri = tracking_uri(cfg)
-    client = MlflowClient(tracking_uri=uri)
-    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    client = MlflowClient(tracking_uri=tracking_uri(cfg))
+    return client, client.get_experiment_by_name(cfg.tracking.experiment)
+
+
+def ui_command(uri: str) -> str:
+    """How to look at the runs: the command serving an embedded store on loopback, or the server's URI."""
+    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1" if uri.startswith("sqlite") else uri
+
+
+def find_run(cfg: RunConfig, tags: dict[str, str]) -> Any | None:
+    """The one live run of cfg's experiment carrying all ``tags`` (a sweep's parent, a trial), or None."""
+    client, experiment = experiment_client(cfg)
     if experiment is None:
         return None
     query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import tempfile
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -54,18 +55,15 @@ def evaluate_model(cfg: RunConfig, policy: str, name: str, *, method: str = REFE
     m = cfg.model
     resolve(policy)  # a missing folder fails here, before Ray
     build_evaluator(cfg, load_tokenizer(m.tokenizer_spec, revision=m.revision, trust_remote_code=m.trust_remote_code))
-    if tracker is not None:
+    own = tracker is None
+    with open_tracker(cfg, name, tags={"method": method, "stage": "evaluate"}) if own else nullcontext(tracker) as run:
+        if own:
+            run.log_params(flatten({"policy": policy, "model": m.model_dump(mode="json"),
+                                    "eval": cfg.eval.model_dump(mode="json")}))
         connect_ray(cfg.distributed.address)
         point = _evaluate_on_actor(cfg, policy)
-        tracker.log_metrics(point.metrics(), step=step)
-        return point, tracker.run_id
-    with open_tracker(cfg, name, tags={"method": method, "stage": "evaluate"}) as own:
-        own.log_params(flatten({"policy": policy, "model": m.model_dump(mode="json"),
-                                "eval": cfg.eval.model_dump(mode="json")}))
-        connect_ray(cfg.distributed.address)
-        point = _evaluate_on_actor(cfg, policy)
-        own.log_metrics(point.metrics(), step=step)
-        return point, own.run_id
+        run.log_metrics(point.metrics(), step=step)
+        return point, run.run_id
 
 
 def _evaluate_on_actor(cfg: RunConfig, policy: str) -> EvalPoint:
@@ -109,12 +107,9 @@ def collect_points(client: Any, experiment_ids: Sequence[str], run_ids: Sequence
 
 def experiment_points(cfg: RunConfig, run_ids: Sequence[str] | None = None, filter_string: str = "") -> list[Point]:
     """:func:`collect_points` over the configured tracking store and experiment."""
-    from mlflow.tracking import MlflowClient
+    from pipeline.tracking import experiment_client, tracking_uri
 
-    from pipeline.tracking import tracking_uri
-
-    client = MlflowClient(tracking_uri(cfg))
-    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    client, experiment = experiment_client(cfg)
     if experiment is None:
         raise PipelineError(f"no MLflow experiment {cfg.tracking.experiment!r} at {tracking_uri(cfg)}")
     return collect_points(client, [experiment.experiment_id], run_ids, filter_string)

@@ -128,7 +128,9 @@ def summary_table(result: PipelineResult, uri: str, experiment: str) -> str:
     for s in result.pareto["summary"]:
         lines.append(f"  {s.method:<6} {s.hypervolume:.5f}   best reward {s.best_reward:.4f} at KL {s.kl_at_best:.4f}"
                      f"  ({s.front} of {s.points} points on the front)")
-    ui = f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1" if uri.startswith("sqlite") else uri
+    from pipeline.tracking import ui_command
+
+    ui = ui_command(uri)
     lines += ["", f"MLflow: {ui}",
               f"  experiment '{experiment}', runs tagged pipeline={result.pipeline_id}; compare their eval/reward and "
               "eval/kl charts;",

@@ -49,12 +49,9 @@ def report_sweep(cfg: RunConfig, result: Any, parent: Any, trials: set[str]) -> 
 
 
 def _child_runs(cfg: RunConfig, result: Any) -> list[Any]:
-    from mlflow.tracking import MlflowClient
+    from pipeline.tracking import experiment_client
 
-    from pipeline.tracking import tracking_uri
-
-    client = MlflowClient(tracking_uri(cfg))
-    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    client, experiment = experiment_client(cfg)
     return client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'",
                               max_results=10_000)
 
@@ -109,7 +106,9 @@ def summary_table(result: Any, uri: str, experiment: str) -> str:
     for method, best in result.best.items():
         lines.append(f"  {method:<6} {best['config']}  reward {best['reward']:.4f} at KL {best['kl']:.4f} "
                      f"(step {best['step']})")
-    ui = f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1" if uri.startswith("sqlite") else uri
+    from pipeline.tracking import ui_command
+
+    ui = ui_command(uri)
     lines += ["", f"MLflow: {ui}",
               f"  experiment '{experiment}', parent run '{result.sweep_id}' (expand it: one child run per trial);",
               "  the fronts: the parent's artifacts pareto/pareto.png, pareto/*.csv, best_configs.json, trials.csv"]

@@ -302,7 +302,6 @@ def search_and_scheduler(cfg: RunConfig) -> tuple[Any, Any]:
     if s.asha.enabled:
         from ray.tune.schedulers import ASHAScheduler
 
-
         scheduler = ASHAScheduler(time_attr="step", metric=s.asha.metric, mode=s.asha.mode,
                                   max_t=cfg.train.max_steps, grace_period=s.asha.grace_period,
                                   reduction_factor=s.asha.reduction_factor,

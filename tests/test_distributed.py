@@ -181,6 +181,11 @@ def test_unreachable_tracking_server_fails_before_ray_work(tmp_path):
 
 
 def test_a_run_too_big_for_the_cluster_is_refused_at_once(tmp_path, ray_cluster):
-    cfg = distributed_cfg(tmp_path, "too-big", f"distributed.cpus_per_worker={ray_cluster.num_cpus}")
-    with pytest.raises(PipelineError, match="too small.*distributed.cpus_per_worker=8"):
+    cfg = distributed_cfg(tmp_path, "too-big", "distributed.num_workers=1", "reference.cpus_per_actor=0",
+                          f"distributed.cpus_per_worker={ray_cluster.num_cpus}")
+    # 8 CPUs in all, but 4 on each node: one worker can never be placed.
+    with pytest.raises(PipelineError, match="too small.*no one node has 8 CPU.*largest has 4 CPU.*cpus_per_worker=8"):
+        train_distributed(cfg, progress=False)
+    cfg = distributed_cfg(tmp_path, "too-many", "distributed.num_workers=3", "distributed.cpus_per_worker=3")
+    with pytest.raises(PipelineError, match=r"too small.*needs 10 CPU \(has 8\).*3 worker\(s\)"):
         train_distributed(cfg, progress=False)

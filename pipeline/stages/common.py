@@ -48,7 +48,7 @@ def check_cluster(stage: StageTrainConfig) -> None:
     """Refuse a stage the cluster can never hold (Ray would wait for resources forever)."""
     from pipeline.train.distributed import require_resources
 
-    require_resources({"CPU": stage.num_workers * stage.cpus_per_worker, "GPU": stage.num_workers * int(stage.use_gpu)},
+    require_resources([(stage.num_workers, {"CPU": stage.cpus_per_worker, "GPU": float(stage.use_gpu)})],
                       f"{stage.num_workers} worker(s) x {stage.cpus_per_worker:g} CPU (use_gpu={stage.use_gpu})")
 
 

@@ -57,17 +57,30 @@ def connect_ray(address: str | None) -> None:
         raise PipelineError(f"cannot connect to Ray at {address or 'a new local instance'}: {e}") from None
 
 
-def require_resources(need: dict[str, float], what: str) -> None:
-    """Fail now, naming the settings, when the cluster can never hold ``need`` (CPU, GPU):
-    Ray would otherwise wait for resources forever."""
+def require_resources(groups: list[tuple[int, dict[str, float]]], what: str) -> None:
+    """Fail now, naming the settings, when the cluster can never hold ``groups``, each (how many, one
+    actor's resources): together they must fit in the cluster, and each actor on one node. Ray would
+    otherwise wait for resources forever."""
     import ray
 
     have = ray.cluster_resources()
+    need: dict[str, float] = {}
+    for count, res in groups:
+        for k, v in res.items():
+            need[k] = need.get(k, 0) + count * v
     short = {k: v for k, v in need.items() if v > have.get(k, 0) + 1e-9}
     if short:
         raise PipelineError("the Ray cluster is too small for this run: needs "
                             + ", ".join(f"{v:g} {k} (has {have.get(k, 0):g})" for k, v in short.items())
                             + f" for {what}")
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    for count, res in groups:
+        res = {k: v for k, v in res.items() if v > 0}
+        if count and res and not any(all(node.get(k, 0) + 1e-9 >= v for k, v in res.items()) for node in nodes):
+            largest = max(nodes, key=lambda node: tuple(node.get(k, 0) for k in res), default={})
+            raise PipelineError("the Ray cluster is too small for this run: no one node has "
+                                + ", ".join(f"{v:g} {k}" for k, v in res.items()) + " (the largest has "
+                                + ", ".join(f"{largest.get(k, 0):g} {k}" for k in res) + f") for {what}")
 
 
 def check_resources(cfg: RunConfig, actors: int, *, workers: int | None = None, driver_cpus: float = 0.0) -> None:
@@ -76,8 +89,8 @@ def check_resources(cfg: RunConfig, actors: int, *, workers: int | None = None, 
     d, r = cfg.distributed, cfg.reference
     workers = d.num_workers if workers is None else workers
     require_resources(
-        {"CPU": driver_cpus + workers * d.cpus_per_worker + actors * r.cpus_per_actor,
-         "GPU": workers * int(d.use_gpu) + actors * r.gpus_per_actor},
+        [(1, {"CPU": driver_cpus}), (workers, {"CPU": d.cpus_per_worker, "GPU": float(d.use_gpu)}),
+         (actors, {"CPU": r.cpus_per_actor, "GPU": r.gpus_per_actor})],
         (f"sweep.trial_cpus={driver_cpus:g}, " if driver_cpus else "")
         + f"{workers} worker(s) x distributed.cpus_per_worker={d.cpus_per_worker:g} (use_gpu={d.use_gpu})"
         f" and {actors} reference actor(s) x reference.cpus_per_actor={r.cpus_per_actor:g},"

@@ -87,39 +87,46 @@ def _free_port() -> int:
 
 
 class LocalCluster:
-    """A real Ray cluster started with ``ray start --head``: token authentication on, loopback only."""
+    """The cluster ``cluster/local.sh`` starts, as a user would: a Ray head node, a Ray worker node and
+    an MLflow tracking server, token authentication on, everything on loopback, on free ports."""
 
-    def __init__(self, base: Path, token_path: Path, num_cpus: int = 8):
+    SCRIPT = REPO / "cluster" / "local.sh"
+
+    def __init__(self, base: Path, token_path: Path, head_cpus: int = 4, worker_cpus: int = 4):
         self.base = base
         self.token_path = token_path
-        self.port, self.dashboard_port = _free_port(), _free_port()
+        self.port, self.dashboard_port, self.client_port, self.mlflow_port = (_free_port() for _ in range(4))
         self.address = f"127.0.0.1:{self.port}"
         self.dashboard_url = f"http://127.0.0.1:{self.dashboard_port}"
+        self.mlflow_uri = f"http://127.0.0.1:{self.mlflow_port}"
         # PATH as in an activated venv: a submitted job's `python` is this environment's.
         path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
         self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.token_path), "PATH": path}
         self.env.pop("RAY_ADDRESS", None)
-        self.num_cpus = num_cpus
+        self.script_env = {**self.env, "STATE_DIR": str(base / "state"), "RAY_PORT": str(self.port),
+                           "DASHBOARD_PORT": str(self.dashboard_port), "CLIENT_PORT": str(self.client_port),
+                           "MLFLOW_PORT": str(self.mlflow_port), "HEAD_CPUS": str(head_cpus),
+                           "WORKER_CPUS": str(worker_cpus)}
+        self.num_cpus = head_cpus + worker_cpus
+
+    def script(self, command: str, timeout: int = 300) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(self.SCRIPT), command], env=self.script_env, capture_output=True,
+                              text=True, timeout=timeout)
 
     def start(self) -> LocalCluster:
-        ray_cli = str(Path(sys.executable).with_name("ray"))
-        subprocess.run(
-            [ray_cli, "start", "--head", f"--port={self.port}", "--node-ip-address=127.0.0.1",
-             f"--num-cpus={self.num_cpus}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-             f"--dashboard-port={self.dashboard_port}", f"--temp-dir={self.base / 'tmp'}",
-             "--disable-usage-stats"],
-            env=self.env, check=True, capture_output=True, text=True, timeout=180,
-        )
+        proc = self.script("start")
+        if proc.returncode != 0:
+            self.stop()
+            raise RuntimeError(f"cluster/local.sh start failed:\n{proc.stdout}\n{proc.stderr}")
         return self
 
     def stop(self) -> None:
-        ray_cli = str(Path(sys.executable).with_name("ray"))
-        subprocess.run([ray_cli, "stop", "--force"], env=self.env, capture_output=True, timeout=120)
+        self.script("stop", timeout=120)
 
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """The test session's one Ray instance: a real head node this process joins as a driver."""
+    """The test session's one Ray instance (``cluster/local.sh``): this process joins it as a driver."""
     import ray
 
     cluster = LocalCluster(RAY_BASE, RAY_TOKEN).start()

@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 CONFIG ?= configs/default.yaml
 ARGS   ?=
 
-.PHONY: setup run train sweep test lint clean
+.PHONY: setup run train sweep test lint browser clean
 
 setup: $(STAMP)
 
@@ -31,12 +31,24 @@ train: setup
 sweep: setup
 	HF_HUB_OFFLINE=1 $(PY) -m jobs.sweep --config $(CONFIG) $(ARGS)
 
-test: setup
+test: setup browser
 	$(VENV)/bin/ruff check pipeline jobs tests bench
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests $(ARGS)
 
+# ruff, and the linters of docker/ (tests/test_deploy.py also validates cluster/ against its schemas)
 lint: setup
 	$(VENV)/bin/ruff check pipeline jobs tests bench
+	$(VENV)/bin/hadolint --failure-threshold info docker/Dockerfile
+	$$($(PY) -c 'import compose, pathlib; print(pathlib.Path(compose.__file__).parent / "docker-compose")') \
+	  -f docker/compose.yaml --profile gpu config --quiet
+
+# The end-to-end test screenshots the MLflow UI in Debian's Chromium (never a downloaded browser).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null 2>&1; then SUDO=sudo; else \
+	    echo "install Chromium for the end-to-end test (Debian/Ubuntu: apt-get install chromium)" >&2; exit 1; fi; \
+	  $$SUDO apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 || \
+	  { $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends chromium; }; }
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -46,7 +46,8 @@ token() {
   if [[ -n "${RAY_AUTH_TOKEN_PATH:-}" ]]; then
     [[ -s "$RAY_AUTH_TOKEN_PATH" ]] || die "RAY_AUTH_TOKEN_PATH=$RAY_AUTH_TOKEN_PATH is missing or empty"
   else
-    ray get-auth-token --generate >/dev/null  # ~/.ray/auth_token, created once, mode 600
+    ray get-auth-token --generate >/dev/null 2>&1  # ~/.ray/auth_token, created once
+    chmod 600 "$HOME/.ray/auth_token"  # Ray writes it world-readable
   fi
 }
 

@@ -4,7 +4,7 @@
 #
 #   cluster/local.sh start     start all three; prints what to export and how to submit
 #   cluster/local.sh status    what is running
-#   cluster/local.sh stop      stop all three (`ray stop` ends every Ray process of this user)
+#   cluster/local.sh stop      stop all three, and only them (other Ray clusters here are left alone)
 #
 # Settings (environment variables, defaults in brackets):
 #   RAY_PORT [6379]  DASHBOARD_PORT [8265]  CLIENT_PORT [10001]  MLFLOW_PORT [5000; 0: no server]
@@ -34,10 +34,10 @@ free_port() { python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1"
 
 port_open() { python -c 'import socket, sys; socket.create_connection(("127.0.0.1", int(sys.argv[1])), 1)' "$1" 2>/dev/null; }
 
-wait_http() {  # url seconds
-  local url="$1" deadline=$((SECONDS + $2))
+wait_http() {  # url seconds pid: until the url answers, while pid lives
+  local url="$1" deadline=$((SECONDS + $2)) pid="$3"
   until python -c "import urllib.request, sys; urllib.request.urlopen(sys.argv[1], timeout=2)" "$url" 2>/dev/null; do
-    ((SECONDS < deadline)) || return 1
+    ((SECONDS < deadline)) && kill -0 "$pid" 2>/dev/null || return 1
     sleep 1
   done
 }
@@ -54,19 +54,22 @@ token() {
 start() {
   command -v ray >/dev/null || die "no 'ray' on PATH: run 'make setup' or activate the environment"
   [[ "$WORKER_CPUS" =~ ^[0-9]+$ && "$WORKER_CPUS" -ge 1 ]] || die "WORKER_CPUS=$WORKER_CPUS: need a whole number >= 1"
-  if port_open "$RAY_PORT"; then
-    die "port $RAY_PORT is taken (a Ray cluster already running? 'cluster/local.sh stop' first)"
-  fi
+  local port
+  for port in "$RAY_PORT" "$DASHBOARD_PORT" "$CLIENT_PORT" $([[ "$MLFLOW_PORT" != 0 ]] && echo "$MLFLOW_PORT"); do
+    if port_open "$port"; then
+      die "port $port is taken (a cluster already running? 'cluster/local.sh stop' first, or set the *_PORT variables)"
+    fi
+  done
   token
   mkdir -p "$STATE_DIR/logs"
 
   echo "Ray head on $BIND:$RAY_PORT (dashboard and job API on http://$BIND:$DASHBOARD_PORT)"
   ray start --head --node-ip-address="$BIND" --port="$RAY_PORT" --num-cpus="$HEAD_CPUS" \
     --include-dashboard=true --dashboard-host="$BIND" --dashboard-port="$DASHBOARD_PORT" \
-    --ray-client-server-port="$CLIENT_PORT" --temp-dir="$STATE_DIR/ray" --disable-usage-stats \
+    --ray-client-server-port="$CLIENT_PORT" --dashboard-agent-listen-port="$(free_port)" --temp-dir="$STATE_DIR/ray" --disable-usage-stats \
     >"$STATE_DIR/logs/head.log" 2>&1 || { cat "$STATE_DIR/logs/head.log" >&2; die "the head did not start"; }
 
-  # A second node on the same machine needs its own agent port (the default is fixed).
+  # Each node on one machine needs its own agent port (Ray's default, 52365, is fixed).
   echo "Ray worker node with $WORKER_CPUS CPUs"
   ray start --address="$BIND:$RAY_PORT" --node-ip-address="$BIND" --num-cpus="$WORKER_CPUS" \
     --dashboard-agent-listen-port="$(free_port)" --disable-usage-stats \
@@ -78,8 +81,8 @@ start() {
       --backend-store-uri "sqlite:///$STATE_DIR/mlflow.db" --artifacts-destination "$STATE_DIR/mlartifacts" \
       >"$STATE_DIR/logs/mlflow.log" 2>&1 &
     echo $! >"$STATE_DIR/mlflow.pid"
-    wait_http "http://$BIND:$MLFLOW_PORT/health" 120 \
-      || { tail -20 "$STATE_DIR/logs/mlflow.log" >&2; die "the MLflow server did not answer within 120 s"; }
+    wait_http "http://$BIND:$MLFLOW_PORT/health" 120 "$(cat "$STATE_DIR/mlflow.pid")" \
+      || { tail -20 "$STATE_DIR/logs/mlflow.log" >&2; die "the MLflow server did not start (log: $STATE_DIR/logs/mlflow.log)"; }
   fi
 
   cat <<EOF
@@ -96,13 +99,37 @@ stop() {
   if [[ -f "$STATE_DIR/mlflow.pid" ]]; then
     local pid
     pid="$(cat "$STATE_DIR/mlflow.pid")"
-    # The server's workers are its children: end the group the nohup started.
+    # The server's workers are its children: end them with it.
     pkill -TERM -P "$pid" 2>/dev/null || true
     kill -TERM "$pid" 2>/dev/null || true
     rm -f "$STATE_DIR/mlflow.pid"
   fi
-  ray stop --force >/dev/null 2>&1 || true
-  echo "stopped"
+  # This cluster only, not every Ray on the machine (`ray stop` would end them all): the processes
+  # that name its folder or its port, and everything they started.
+  python - "$STATE_DIR/ray/" "$RAY_PORT" <<'PY'
+import re, sys, psutil
+folder, port = sys.argv[1], sys.argv[2]
+def ours(p):
+    try:
+        cmd = " ".join(p.cmdline())
+    except psutil.Error:
+        return False
+    return folder in cmd or re.search(rf"--(gcs[-_])?address=\S*:{port}\b", cmd) is not None
+roots = [p for p in psutil.process_iter() if p.pid != psutil.Process().pid and ours(p)]
+procs = {p.pid: p for r in roots for p in [r, *r.children(recursive=True)] if p.is_running()}
+for p in procs.values():
+    try:
+        p.terminate()
+    except psutil.Error:
+        pass
+_, alive = psutil.wait_procs(list(procs.values()), timeout=5)
+for p in alive:
+    try:
+        p.kill()
+    except psutil.Error:
+        pass
+print(f"stopped {len(procs)} processes")
+PY
 }
 
 status() {

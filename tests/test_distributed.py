@@ -58,8 +58,8 @@ def single_process(tmp_path_factory):
     return runs
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-@pytest.mark.parametrize("loss", ["dpo", "tdpo2"])
+# Each loss once and each sharded ZeRO stage once (the full 2x2 grid cost 70 s more per suite run).
+@pytest.mark.parametrize("loss,stage", [("dpo", 2), ("tdpo2", 3)])
 def test_losses_decrease_and_match_single_process(loss, stage, tmp_path, single_process):
     cfg = distributed_cfg(tmp_path, f"{loss}-z{stage}", f"loss.name={loss}", f"distributed.zero_stage={stage}",
                           *EVAL)
@@ -121,13 +121,10 @@ def test_reference_cache_is_hit_by_a_second_run(tmp_path):
                                               "reference.topk=16"), progress=False)
     second = train_distributed(distributed_cfg(tmp_path, "second", "loss.name=tdpo2", "reference.mode=topk",
                                                "reference.topk=16"), progress=False)
-    other_k = train_distributed(distributed_cfg(tmp_path, "other-k", "loss.name=tdpo2", "reference.mode=topk",
-                                                "reference.topk=8"), progress=False)
     assert first.reference_forward_passes == 4  # 16 pairs, 4 chunks of 4, one forward pass each
     assert second.reference_forward_passes == 0 and second.reference_cached_chunks == 4
     assert losses(second) == losses(first)
-    assert other_k.reference_forward_passes == 4  # a different key: k is part of the fingerprint
-    assert len(list((tmp_path / "reference-cache").iterdir())) == 2
+    # k is part of the fingerprint: test_reference.py::test_fingerprint_follows_what_determines_the_statistics
 
 
 def test_worker_killed_mid_run_resumes_exactly(tmp_path):

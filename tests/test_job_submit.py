@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
+import time
 import urllib.parse
 from pathlib import Path
 
@@ -48,12 +50,19 @@ def submit(cluster, submission_id: str, *job_args: str, runtime_env: dict | None
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
-def wait_for(cluster, submission_id: str) -> str:
-    """Follow the job's logs to its end; return them after checking it succeeded."""
-    logs = ray_cli("job", "logs", "--address", cluster.dashboard_url, "--follow", submission_id, env=cluster.env)
-    status = ray_cli("job", "status", "--address", cluster.dashboard_url, submission_id, env=cluster.env)
-    assert "succeeded" in status.stdout.lower(), status.stdout[-2000:] + logs.stdout[-5000:] + logs.stderr[-2000:]
-    return logs.stdout
+def wait_for(cluster, submission_id: str, timeout_s: float = 900) -> str:
+    """Poll ``ray job status`` until the job ends (a followed log stream can drop before that);
+    check it succeeded and return its logs."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = ray_cli("job", "status", "--address", cluster.dashboard_url, submission_id, env=cluster.env)
+        state = re.search(r"Job '[^']+' (succeeded|failed|was stopped)", status.stdout)
+        if state or time.monotonic() > deadline:
+            break
+        time.sleep(3)
+    logs = ray_cli("job", "logs", "--address", cluster.dashboard_url, submission_id, env=cluster.env).stdout
+    assert state and state[1] == "succeeded", status.stdout[-2000:] + logs[-5000:]
+    return logs
 
 
 @pytest.mark.timeout(1200)
@@ -114,8 +123,12 @@ def screenshot_comparison(browser: str, uri: str, experiment_id: str, run_ids: l
         try:
             page = b.new_page(viewport={"width": 1600, "height": 1400})
             page.goto(f"{uri}/#/compare-runs?{query}")
+            page.get_by_text(f"Comparing {len(run_ids)} Runs", exact=False).first.wait_for(timeout=60_000)
+            # The run-details table: a row "Run Name:" followed by one cell per run.
+            row = page.locator("tr", has=page.get_by_text("Run Name:", exact=True)).first
+            row.wait_for(timeout=60_000)
             for name in run_names:
-                page.get_by_text(name, exact=True).first.wait_for(timeout=60_000)
+                row.get_by_text(name, exact=True).wait_for(timeout=60_000)
             # The reward-for-KL view: a scatter of the last eval/kl against the last eval/reward.
             page.get_by_text("Scatter Plot", exact=True).first.click()
             for axis, metric in (("#x-axis-selector", "eval/kl"), ("#y-axis-selector", "eval/reward")):

@@ -108,7 +108,7 @@ def _script(m, built):
 # (a command line's pattern, the check that covers it: raises if it fails, returns what it is)
 RULES = [
     (r"source \.venv/bin/activate", lambda m, b: "the Makefile's set-up makes .venv"),
-    (r"cluster/local\.sh (start|stop|status)", _script),
+    (r"cluster/local\.sh (start|stop)", _script),
     (r"export RAY_AUTH_MODE=token", lambda m, b: "the session cluster's clients run with it"),
     (r"((?:RAY_AUTH_\w+=\S+ )*)ray job submit --address http://127\.0\.0\.1:8265(?: --working-dir \.)?"
      r" -- python -m (jobs\.\w+)(.*)", _submit),

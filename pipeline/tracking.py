@@ -198,6 +198,13 @@ def _client(uri: str, database: Path | None) -> Any:
     return client
 
 
+def check_store(cfg: RunConfig) -> None:
+    """Before any other work: a configured tracking server must answer (an embedded store always can)."""
+    uri = tracking_uri(cfg)
+    if cfg.tracking.enabled and uri.startswith(("http://", "https://")):
+        check_server(uri)
+
+
 def check_server(uri: str, timeout: float = 5.0) -> None:
     """Fail fast on a tracking server that does not answer: MLflow's own client retries for minutes."""
     import requests

@@ -183,6 +183,8 @@ def test_a_run_too_big_for_the_cluster_is_refused_at_once(tmp_path, ray_cluster)
     # 8 CPUs in all, but 4 on each node: one worker can never be placed.
     with pytest.raises(PipelineError, match="too small.*no one node has 8 CPU.*largest has 4 CPU.*cpus_per_worker=8"):
         train_distributed(cfg, progress=False)
+    assert not (tmp_path / "mlflow.db").exists()
     cfg = distributed_cfg(tmp_path, "too-many", "distributed.num_workers=3", "distributed.cpus_per_worker=3")
-    with pytest.raises(PipelineError, match=r"too small.*needs 10 CPU \(has 8\).*3 worker\(s\)"):
-        train_distributed(cfg, progress=False)
+    with pytest.raises(PipelineError, match=r"too small.*needs 9 CPU \(has 8\).*3 worker\(s\)"):
+        train_distributed(cfg, progress=False)  # refused on its workers alone, before MLflow
+    assert not (tmp_path / "mlflow.db").exists()  # no FAILED run left behind

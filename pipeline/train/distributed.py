@@ -29,7 +29,7 @@ from pipeline.errors import PipelineError
 from pipeline.eval.evaluator import Evaluator, build_evaluator
 from pipeline.reference.cache import ChunkPlan, ReferenceCache, usable_cache
 from pipeline.reference.scorer import stats_kind
-from pipeline.tracking import flatten, open_tracker
+from pipeline.tracking import check_store, flatten, open_tracker
 from pipeline.train.batches import PairBatches
 from pipeline.train.local import TrainResult, prepare_data, run_name, steady_median
 
@@ -156,12 +156,18 @@ def train_distributed(cfg: RunConfig, *, progress: bool = True, run_dir: Path | 
     PairBatches(len(dataset.pairs), cfg.train.batch_size * cfg.workers, cfg.train.seed)  # enough pairs?
     evaluator = build_evaluator(cfg, tokenizer) if cfg.eval.enabled else None
 
+    # The tracking server answers and the workers alone fit, before an MLflow run is opened: a
+    # refused run leaves no FAILED run behind. (The reference actors are counted in _fit, once the
+    # cache says whether they are needed.)
+    check_store(cfg)
+    connect_ray(cfg.distributed.address)
+    check_resources(cfg, 0)
+
     tags = {"loss": cfg.loss.name, "method": cfg.loss.name, "trainer": "ray", "reference.mode": cfg.reference.mode}
     with open_tracker(cfg, name, tags=tags, run_id=mlflow_run_id) as tracker:
         tracker.log_params(flatten(cfg.model_dump(mode="json")))
         tracker.log_artifact(run_dir / "config.yaml")
         tracker.log_artifact(run_dir / "data_report.json")
-        connect_ray(cfg.distributed.address)
         result = _fit(cfg, dataset.pairs, tokenizer, storage, run_folder, tracker, progress, faults, evaluator,
                       callbacks)
         tracker.log_metrics({"reference/forward_passes": result.reference_forward_passes,

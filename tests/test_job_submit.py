@@ -42,9 +42,13 @@ def chromium() -> str:
     return path
 
 
-def submit(cluster, submission_id: str, *job_args: str, runtime_env: dict | None = None) -> None:
+def submit(cluster, submission_id: str, *job_args: str, runtime_env: dict | None = None,
+           working_dir: bool = True) -> None:
     extra = ["--runtime-env-json", json.dumps(runtime_env)] if runtime_env else []
-    proc = ray_cli("job", "submit", "--address", cluster.dashboard_url, "--working-dir", ".", "--no-wait",
+    extra += ["--working-dir", "."] if working_dir else []
+    if not working_dir:  # no copy of the repository in the job's directory: the config by its path
+        job_args = tuple(str(REPO / a) if a.startswith("configs/") else a for a in job_args)
+    proc = ray_cli("job", "submit", "--address", cluster.dashboard_url, "--no-wait",
                    "--submission-id", submission_id, *extra, "--", "python", "-m", "jobs.train", *job_args,
                    env=cluster.env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -77,8 +81,11 @@ def test_jobs_submitted_to_a_local_cluster_land_on_the_mlflow_server_and_its_ui(
     # The two ways a job finds the server: the config, or MLflow's own variable in the runtime env.
     submit(ray_cluster, ids["dpo"], *common, "loss.name=dpo", "output.run_name=dpo",
            f"tracking.uri={ray_cluster.mlflow_uri}")
+    # The second job ships no working dir: it runs the installed package, as an image's jobs do (two
+    # jobs sharing one working_dir package raced in Ray 2.60: the second's directory vanished under it,
+    # cf. ray-project/ray#47471), and its config by absolute path.
     submit(ray_cluster, ids["tdpo2"], *common, "loss.name=tdpo2", "output.run_name=tdpo2",
-           runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": ray_cluster.mlflow_uri}})
+           runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": ray_cluster.mlflow_uri}}, working_dir=False)
     for loss, sid in ids.items():
         summary = wait_for(ray_cluster, sid)
         assert '"steps": 4' in summary, summary[-3000:]

@@ -193,8 +193,7 @@ def _fit(cfg: RunConfig, pairs: list, tokenizer: Any, storage: Path, run_folder:
     group = None
     cached_chunks = 0
     cfg_tree = cfg.model_dump(mode="json")
-    if cfg.reference.mode == "colocated":
-        check_resources(cfg, 0)
+    if cfg.reference.mode == "colocated":  # no actors: train_distributed has checked the workers
         factory = FeedFactory(kind, cfg_tree)
     else:
         from pipeline.reference.group import ReferenceGroup

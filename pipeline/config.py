@@ -97,6 +97,8 @@ class TrainConfig(_Strict):
     warmup_steps: int = Field(0, ge=0)
     max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping; null: no clipping")
     log_every: int = Field(1, ge=1)
+    packing: bool = Field(True, description="padding-free forward passes: a batch's sequences packed end to end "
+                          "(pipeline.train.packing); a model whose attention fails the packing check runs padded")
     save_model: bool = Field(True, description="export the trained policy as safetensors at the end")
 
     @model_validator(mode="after")

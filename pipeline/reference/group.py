@@ -45,7 +45,8 @@ class ReferenceActor:
                                trust_remote_code=run.model.trust_remote_code)
         if torch.cuda.is_available() and run.reference.gpus_per_actor > 0:
             model = model.cuda()
-        self.scorer = ReferenceScorer(model, kind, topk=run.reference.topk, dtype=run.reference.dtype)
+        self.scorer = ReferenceScorer(model, kind, topk=run.reference.topk, dtype=run.reference.dtype,
+                                      packing=run.train.packing)
         self.batch_size = run.reference.batch_size
         self.pad_token_id = pad_token_id
         self.cache = cache
@@ -67,7 +68,7 @@ class ReferenceActor:
 
     def score_sequences(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Summed reference log-probs of each row's labelled tokens (evaluation samples' KL)."""
-        return ReferenceScorer(self.scorer.model, "sequence").score(batch).logps.cpu()
+        return ReferenceScorer(self.scorer.model, "sequence", packing=self.scorer.packing).score(batch).logps.cpu()
 
     def pid(self) -> int:
         return os.getpid()

@@ -14,6 +14,7 @@ from pipeline import tokenstats
 from pipeline.config import RunConfig
 from pipeline.data.tokenization import TokenizedPair, collate_pairs
 from pipeline.reference.stats import SequenceStats
+from pipeline.train.packing import pack_batch, packing_supported
 from pipeline.train.step import response_logits  # the policy's head-on-responses path
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -32,10 +33,13 @@ class ReferenceScorer:
     kind:  "sequence", "exact" or "topk" (see :mod:`pipeline.reference.stats`)
     topk:  k for "topk"
     dtype: storage dtype of "exact" and "topk" log-probs; computed in at least float32 either way
+    packing: score padding-free when the model passes the packing check (pipeline.train.packing)
     """
 
-    def __init__(self, model: torch.nn.Module, kind: str, *, topk: int = 64, dtype: str = "float32"):
+    def __init__(self, model: torch.nn.Module, kind: str, *, topk: int = 64, dtype: str = "float32",
+                 packing: bool = True):
         self.model = model.eval().requires_grad_(False)
+        self.packing = packing and packing_supported(self.model)
         self.kind = kind
         self.topk = topk
         self.dtype = DTYPES[dtype]
@@ -45,6 +49,8 @@ class ReferenceScorer:
     def score(self, batch: dict[str, torch.Tensor]) -> SequenceStats:
         """Statistics of every row of a collated batch, in row order."""
         device = next(self.model.parameters()).device
+        if self.packing and "packed_slots" not in batch:
+            batch = pack_batch(batch)
         batch = {k: v.to(device) for k, v in batch.items()}
         index = tokenstats.response_index(batch["labels"])
         logits = response_logits(self.model, batch, index.mask)  # (N, V)

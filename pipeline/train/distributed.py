@@ -118,7 +118,8 @@ class FeedFactory:
             model = load_reference(cfg)
             if torch.cuda.is_available() and cfg.distributed.use_gpu:
                 model = model.cuda()
-            return LiveFeed(ReferenceScorer(model, self.kind, topk=cfg.reference.topk, dtype=cfg.reference.dtype))
+            return LiveFeed(ReferenceScorer(model, self.kind, topk=cfg.reference.topk, dtype=cfg.reference.dtype,
+                                             packing=cfg.train.packing))
         return ChunkFeed(self.kind, self.plan, self.refs or {}, self.cache)
 
 

@@ -19,6 +19,8 @@ from pipeline import tokenstats
 from pipeline.config import LossConfig
 from pipeline.losses import LossParams, PreferenceStats, compute_loss, get_loss
 from pipeline.reference.stats import SequenceStats
+from pipeline.train.packing import KEYS as PACKED_KEYS
+from pipeline.train.packing import packed_hidden_index
 
 # Config attributes of architectures whose logits are not just `lm_head(hidden)`.
 _HEAD_TRANSFORMS = (
@@ -39,14 +41,21 @@ def response_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor], mask
 
     The LM head runs on response positions only: on a small model the vocabulary
     projection of prompt and padding positions is most of the work and is never used.
+    A batch carrying a packed layout (:func:`pipeline.train.packing.pack_batch`) runs
+    padding-free.
     """
+    packed = "packed_slots" in batch
+    if packed:
+        inputs = {"input_ids": batch["packed_input_ids"], "position_ids": batch["packed_position_ids"]}
+        rows = packed_hidden_index(batch, mask)  # (N,) into the flattened (R*T) layout
+    else:
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     if not head_is_plain(model):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        return logits[:, :-1][mask]
-    hidden = model.get_decoder()(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-    ).last_hidden_state  # (2B, T, H)
-    return model.get_output_embeddings()(hidden[:, :-1][mask])  # (N, V)
+        logits = model(**inputs, use_cache=False).logits  # (R, T, V) or (2B, T, V)
+        return logits.reshape(-1, logits.shape[-1])[rows] if packed else logits[:, :-1][mask]
+    hidden = model.get_decoder()(**inputs, use_cache=False).last_hidden_state  # (R, T, H) or (2B, T, H)
+    hidden = hidden.reshape(-1, hidden.shape[-1])[rows] if packed else hidden[:, :-1][mask]
+    return model.get_output_embeddings()(hidden)  # (N, V)
 
 
 class ResponseLogits(torch.nn.Module):
@@ -55,14 +64,16 @@ class ResponseLogits(torch.nn.Module):
     The distributed trainer gives this module to DeepSpeed, so the forward goes
     through the engine (ZeRO-3 gathers, hooks) while the LM head still runs on
     response positions only; the single-process trainer wraps its policy the same way.
+    ``packed`` holds the batch's packed layout tensors (:data:`pipeline.train.packing.KEYS`), if any.
     """
 
     def __init__(self, lm: torch.nn.Module):
         super().__init__()
         self.lm = lm
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return response_logits(self.lm, {"input_ids": input_ids, "attention_mask": attention_mask}, mask)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor,
+                **packed: torch.Tensor) -> torch.Tensor:
+        return response_logits(self.lm, {"input_ids": input_ids, "attention_mask": attention_mask, **packed}, mask)
 
 
 @dataclass(frozen=True)
@@ -140,7 +151,8 @@ def micro_batch_loss(
     ``policy`` is a :class:`ResponseLogits` or a DeepSpeed engine wrapping one.
     """
     index = tokenstats.response_index(batch["labels"])
-    logits = policy(batch["input_ids"], batch["attention_mask"], index.mask)
+    packed = {k: batch[k] for k in PACKED_KEYS if k in batch}
+    logits = policy(batch["input_ids"], batch["attention_mask"], index.mask, **packed)
     stats = policy_stats(logits, index, reference, get_loss(options.loss).token_level, options.log_kl)
     return compute_loss(options.loss, stats, options.params)
 

@@ -28,6 +28,7 @@ import torch
 from pipeline.config import RunConfig
 from pipeline.data.tokenization import collate_pairs
 from pipeline.train.batches import BatchPosition, PairBatches
+from pipeline.train.packing import pack_batch, packing_supported
 from pipeline.train.step import ResponseLogits, StepOptions, add_metrics, micro_batch_loss
 
 CHECKPOINT_TAG = "state"
@@ -46,10 +47,8 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
         "train_batch_size": t.batch_size * t.gradient_accumulation_steps * world_size,
         "gradient_clipping": t.max_grad_norm or 0.0,
         "zero_optimization": zero,
-        # torch's AdamW, the same optimizer as the single-process trainer; on CPU DeepSpeed's own
-        # CPU Adam would need a compiled op.
-        "optimizer": {"type": "AdamW", "params": {"lr": t.learning_rate, "weight_decay": t.weight_decay,
-                                                  "betas": [0.9, 0.999], "eps": 1e-8, "torch_adam": True}},
+        # The optimizer is the single-process trainer's fused torch AdamW, passed to deepspeed.initialize
+        # (DeepSpeed's config builds only the for-each one; its CPU Adam would need a compiled op).
         "zero_force_ds_cpu_optimizer": False,
         "bf16": {"enabled": cfg.model.dtype == "bfloat16"},
         "fp16": {"enabled": cfg.model.dtype == "float16"},
@@ -59,22 +58,59 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
 
 
 def build_engine(cfg: RunConfig, world_size: int):
+    """The DeepSpeed engine around :class:`ResponseLogits`; ``engine.module.packing`` says whether
+    batches go padding-free (checked on the full model, before ZeRO-3 partitions it)."""
     import deepspeed
 
     from pipeline.models.loading import load_causal_lm
-    from pipeline.train.local import warmup_schedule
+    from pipeline.train.local import adamw, warmup_schedule
 
     m = cfg.model
     # DeepSpeed casts to bf16/fp16 itself and keeps float32 master weights.
     lm = load_causal_lm(m.policy, dtype="float32" if m.dtype in ("bfloat16", "float16") else m.dtype,
                         revision=m.revision, trust_remote_code=m.trust_remote_code)
     model = ResponseLogits(lm)
+    model.packing = cfg.train.packing and packing_supported(lm)
     engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+        model=model, optimizer=adamw([p for p in model.parameters() if p.requires_grad], cfg),
         config=deepspeed_config(cfg, world_size),
         lr_scheduler=lambda optimizer: warmup_schedule(optimizer, cfg.train.warmup_steps, cfg.train.max_steps),
     )
     return engine
+
+
+def state_bytes(engine: Any) -> int:
+    """Bytes this rank holds for model and optimizer state: parameters (ZeRO-3: this rank's partition),
+    gradients, optimizer state and ZeRO's flat partitions, each storage counted once (ZeRO's
+    flat buffers alias parameters and gradients)."""
+    storages: dict[int, int] = {}
+
+    def visit(value: Any, depth: int) -> None:
+        if isinstance(value, torch.Tensor):
+            if value.numel():
+                storage = value.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+        elif depth and isinstance(value, (list, tuple)):
+            for item in value:
+                visit(item, depth - 1)
+        elif depth and isinstance(value, dict):
+            for item in value.values():
+                visit(item, depth - 1)
+
+    for p in engine.module.parameters():
+        visit(getattr(p, "ds_tensor", p.data), 0)
+        visit(p.grad, 0)
+    for holder in (engine.optimizer, getattr(engine.optimizer, "optimizer", None)):
+        if holder is not None:
+            visit(list(vars(holder).values()), 4)
+    return sum(storages.values())
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (Linux reports ru_maxrss in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def next_position(batches: PairBatches, position: BatchPosition) -> BatchPosition:
@@ -166,6 +202,7 @@ def train_loop(config: dict[str, Any]) -> None:
     evaluator = config.get("evaluator")
     evals = (run_folder / "eval.jsonl").open("a", encoding="utf-8") if rank == 0 and evaluator else None
     bar = _progress_bar(cfg, start_step) if rank == 0 and config.get("progress") else None
+    state_mb = 0.0
     for step in range(start_step, cfg.train.max_steps):
         _maybe_die(config.get("faults") or {}, rank, step, run_folder)
         started = time.perf_counter()
@@ -175,12 +212,14 @@ def train_loop(config: dict[str, Any]) -> None:
             position, indices = next(stream)
             mine = indices[rank * b : (rank + 1) * b]
             batch = collate_pairs([pairs[i] for i in mine], config["pad_token_id"])
+            tokens += sum(len(pairs[i].prompt_ids) * 2 + len(pairs[i].chosen_ids) + len(pairs[i].rejected_ids)
+                          for i in mine)
+            batch = pack_batch(batch) if engine.module.packing else batch  # on the host: no device sync
             batch = {k: v.to(device) for k, v in batch.items()}
             losses, metrics = micro_batch_loss(engine, batch, feed(mine, batch), options)
             engine.backward(losses.mean())  # DeepSpeed divides by the accumulation steps and averages workers
             engine.step()
             add_metrics(sums, metrics)
-            tokens += int(batch["attention_mask"].sum())
         metrics = _reduce(sums, b * cfg.train.gradient_accumulation_steps, tokens, dist)
         seconds = time.perf_counter() - started
         grad_norm = engine.get_global_grad_norm()
@@ -189,6 +228,8 @@ def train_loop(config: dict[str, Any]) -> None:
                         "throughput/tokens_per_s": metrics.pop("tokens") / seconds})
         if grad_norm is not None:
             metrics["grad_norm"] = float(grad_norm)
+        state_mb = state_mb or state_bytes(engine) / 2**20  # complete once the optimizer has stepped
+        metrics.update({"memory/state_mb": state_mb, "memory/peak_rss_mb": peak_rss_mb()})
         done = step + 1
         if log is not None and (done % cfg.train.log_every == 0 or done == cfg.train.max_steps):
             log.write(json.dumps({"step": done, **metrics}) + "\n")

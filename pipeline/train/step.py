@@ -20,7 +20,7 @@ from pipeline.config import LossConfig
 from pipeline.losses import LossParams, PreferenceStats, compute_loss, get_loss
 from pipeline.reference.stats import SequenceStats
 from pipeline.train.packing import KEYS as PACKED_KEYS
-from pipeline.train.packing import packed_hidden_index
+from pipeline.train.packing import packed_hidden_index, packed_inputs
 
 # Config attributes of architectures whose logits are not just `lm_head(hidden)`.
 _HEAD_TRANSFORMS = (
@@ -42,11 +42,11 @@ def response_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor], mask
     The LM head runs on response positions only: on a small model the vocabulary
     projection of prompt and padding positions is most of the work and is never used.
     A batch carrying a packed layout (:func:`pipeline.train.packing.pack_batch`) runs
-    padding-free.
+    padding-free, each pair's prompt once.
     """
     packed = "packed_slots" in batch
     if packed:
-        inputs = {"input_ids": batch["packed_input_ids"], "position_ids": batch["packed_position_ids"]}
+        inputs = packed_inputs(batch, model.get_input_embeddings().weight.dtype)
         rows = packed_hidden_index(batch, mask)  # (N,) into the flattened (R*T) layout
     else:
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}

@@ -76,6 +76,10 @@ def build_engine(cfg: RunConfig, world_size: int):
         config=deepspeed_config(cfg, world_size),
         lr_scheduler=lambda optimizer: warmup_schedule(optimizer, cfg.train.warmup_steps, cfg.train.max_steps),
     )
+    if world_size == 1 and cfg.distributed.zero_stage == 0:
+        # One worker has nothing to average, but DeepSpeed would still flatten every gradient into
+        # one buffer, all-reduce it with itself and copy it back, every step.
+        engine.enable_backward_allreduce = False
     return engine
 
 
@@ -218,6 +222,8 @@ def train_loop(config: dict[str, Any]) -> None:
             batch = {k: v.to(device) for k, v in batch.items()}
             losses, metrics = micro_batch_loss(engine, batch, feed(mine, batch), options)
             engine.backward(losses.mean())  # DeepSpeed divides by the accumulation steps and averages workers
+            # Gradients, parameters and (from the second step) optimizer state all live now: the peak.
+            state_mb = max(state_mb, state_bytes(engine) / 2**20)
             engine.step()
             add_metrics(sums, metrics)
         metrics = _reduce(sums, b * cfg.train.gradient_accumulation_steps, tokens, dist)
@@ -228,7 +234,6 @@ def train_loop(config: dict[str, Any]) -> None:
                         "throughput/tokens_per_s": metrics.pop("tokens") / seconds})
         if grad_norm is not None:
             metrics["grad_norm"] = float(grad_norm)
-        state_mb = state_mb or state_bytes(engine) / 2**20  # complete once the optimizer has stepped
         metrics.update({"memory/state_mb": state_mb, "memory/peak_rss_mb": peak_rss_mb()})
         done = step + 1
         if log is not None and (done % cfg.train.log_every == 0 or done == cfg.train.max_steps):

@@ -260,7 +260,8 @@ def main() -> None:
     p.add_argument("--model", choices=sorted(MODELS), default="smollm2")
     p.add_argument("--loss", default="dpo")
     p.add_argument("--steps", type=int, default=12)
-    p.add_argument("--out", default="dpo", help="results file suffix: bench/results/contenders-MODEL-OUT.{md,csv}")
+    p.add_argument("--out", default="dpo", help="results file suffix: RESULTS/contenders-MODEL-OUT.{md,csv}")
+    p.add_argument("--results", type=Path, default=RESULTS, help="folder of the results files (default bench/results)")
     p.add_argument("--batch-size", type=int, default=4, help="pairs per optimizer step, all workers together")
     p.add_argument("--only", help=f"comma-separated contenders, NAME or NAME@LOSS (default: {','.join(DEFAULT)})")
     p.add_argument("--one", help=argparse.SUPPRESS)
@@ -293,8 +294,8 @@ def write(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     lines += ["| " + " | ".join(str(r[h]) for h in header) + " |" for r in rows]
     text = "\n".join(lines) + "\n"
     print(text)
-    RESULTS.mkdir(exist_ok=True)
-    stem = RESULTS / f"contenders-{args.model}-{args.out}"
+    args.results.mkdir(parents=True, exist_ok=True)
+    stem = args.results / f"contenders-{args.model}-{args.out}"
     stem.with_suffix(".md").write_text(text, encoding="utf-8")
     with stem.with_suffix(".csv").open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=header)

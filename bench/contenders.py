@@ -44,7 +44,7 @@ def config(args: argparse.Namespace, overrides: list[str] = ()):  # noqa: ANN201
     base = [f"model.policy={MODELS[args.model]}", f"loss.name={args.loss}", f"train.max_steps={args.steps}",
             "train.warmup_steps=0", "train.log_every=1", "train.save_model=false", "eval.enabled=false",
             "tracking.enabled=false"]
-    return load_config(args.config, base + list(overrides))
+    return load_config(args.config, base + list(args.set) + list(overrides))
 
 
 def pairs_and_batches(cfg: Any, steps: int) -> tuple[Any, list, list[list[int]]]:
@@ -264,6 +264,8 @@ def main() -> None:
     p.add_argument("--results", type=Path, default=RESULTS, help="folder of the results files (default bench/results)")
     p.add_argument("--batch-size", type=int, default=4, help="pairs per optimizer step, all workers together")
     p.add_argument("--only", help=f"comma-separated contenders, NAME or NAME@LOSS (default: {','.join(DEFAULT)})")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override for every contender, e.g. --set model.dtype=bfloat16 (repeatable)")
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
@@ -275,7 +277,8 @@ def main() -> None:
     rows = []
     for name in names:
         command = [sys.executable, "-m", "bench.contenders", "--one", name, "--model", args.model, "--loss", args.loss,
-                   "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--config", args.config]
+                   "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--config", args.config,
+                   *(f"--set={s}" for s in args.set)]
         print(f"... {name}", flush=True)
         done = subprocess.run(command, capture_output=True, text=True)
         line = next((x for x in done.stdout.splitlines() if x.startswith("BENCH ")), None)
@@ -288,8 +291,8 @@ def main() -> None:
 
 def write(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     header = list(rows[0])
-    lines = [f"# DPO contenders: {MODELS[args.model]}, loss {args.loss}, batch {args.batch_size} pairs, "
-             f"{args.steps} steps each", "", f"machine: {machine()}", "",
+    lines = [f"# Contenders: {MODELS[args.model]}, loss {args.loss} (NAME@LOSS: LOSS), batch {args.batch_size} pairs, "
+             f"{args.steps} steps each" + "".join(f", {s}" for s in args.set), "", f"machine: {machine()}", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(r[h]) for h in header) + " |" for r in rows]
     text = "\n".join(lines) + "\n"

@@ -98,7 +98,7 @@ class TrainConfig(_Strict):
     max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping; null: no clipping")
     log_every: int = Field(1, ge=1)
     packing: bool = Field(True, description="padding-free forward passes: a batch's sequences packed end to end "
-                          "(pipeline.train.packing); a model whose attention fails the packing check runs padded")
+                          "(pipeline.train.packing); a model (policy or reference) that fails the packing check runs padded")
     save_model: bool = Field(True, description="export the trained policy as safetensors at the end")
 
     @model_validator(mode="after")

@@ -14,6 +14,7 @@ from pipeline import tokenstats
 from pipeline.config import RunConfig
 from pipeline.data.tokenization import TokenizedPair, collate_pairs
 from pipeline.reference.stats import SequenceStats
+from pipeline.train.packing import KEYS as PACKED_KEYS
 from pipeline.train.packing import pack_batch, packing_supported
 from pipeline.train.step import response_logits  # the policy's head-on-responses path
 
@@ -49,8 +50,10 @@ class ReferenceScorer:
     def score(self, batch: dict[str, torch.Tensor]) -> SequenceStats:
         """Statistics of every row of a collated batch, in row order."""
         device = next(self.model.parameters()).device
-        if self.packing and "packed_slots" not in batch:
-            batch = pack_batch(batch)
+        if not self.packing:  # a batch the policy packed: this model runs it padded
+            batch = {k: v for k, v in batch.items() if k not in PACKED_KEYS}
+        elif "packed_slots" not in batch:
+            batch = pack_batch({k: v.cpu() for k, v in batch.items()})  # the layout is built on the host
         batch = {k: v.to(device) for k, v in batch.items()}
         index = tokenstats.response_index(batch["labels"])
         logits = response_logits(self.model, batch, index.mask)  # (N, V)

@@ -19,9 +19,9 @@ their own.
 
 On the offline default (SmolLM2, batch 4 pairs, T = 64, prompts <= 16 tokens)
 this cuts the positions a step computes from about 460 (padded to each batch's
-longest row) to about 280, and a policy forward and backward from 2.46 s to
-1.93 s on 2 CPU cores; packing without sharing prompts, in rows of 2T, took 2.27 s
-(docs/performance.md has the commands). Filler positions cost as much as real
+longest row) to about 280, and a policy forward and backward from 2.54 s to
+1.85 s on 2 CPU cores (docs/performance.md has the command). Sliding-window
+models run padded: a 4-D mask would bypass their window. Filler positions cost as much as real
 ones, which is why one exact-width row beats fixed-width bins.
 
 Layout, added to a collated batch by :func:`pack_batch` on the host, before the
@@ -173,11 +173,19 @@ def packing_supported(model: torch.nn.Module) -> bool:
 
 @torch.no_grad()
 def _check_packing(model: torch.nn.Module) -> bool:
+    config = getattr(model, "config", None)
+    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+    if window or "sliding_attention" in (getattr(config, "layer_types", None) or ()):
+        # transformers hands a 4-D mask to sliding-window layers as it is: packed attention would
+        # ignore the window, and the check's short sequences could not tell.
+        log.warning("%s uses sliding-window attention: training padded", type(model).__name__)
+        return False
     training = model.training
     model.eval()
     try:
         device = next(model.parameters()).device
-        vocab = model.get_input_embeddings().num_embeddings
+        embeddings = model.get_input_embeddings()
+        vocab, dtype = embeddings.num_embeddings, embeddings.weight.dtype
         ids = torch.tensor([[3, 5, 7, 11, 13, 0], [29, 31, 0, 0, 0, 0],
                             [3, 5, 17, 19, 0, 0], [37, 41, 43, 47, 53, 59]]).remainder(vocab)
         lengths = torch.tensor([5, 2, 4, 6])
@@ -186,13 +194,13 @@ def _check_packing(model: torch.nn.Module) -> bool:
         batch = pack_batch({"input_ids": ids, "attention_mask": mask, "labels": labels}, width=16)
         batch = {k: v.to(device) for k, v in batch.items()}
         padded = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        packed = model(**packed_inputs(batch, padded.dtype), use_cache=False).logits
+        packed = model(**packed_inputs(batch, dtype), use_cache=False).logits  # the dtype training uses
         real = batch["attention_mask"].bool()
         expected = padded[real].float()
         got = packed.reshape(-1, packed.shape[-1])[batch["packed_slots"][real]].float()
         tolerance = 1e-3 if padded.dtype in (torch.float32, torch.float64) else 5e-2
         same = bool(torch.allclose(got, expected, rtol=tolerance, atol=tolerance * (1 + float(expected.abs().max()))))
-    except (TypeError, ValueError, RuntimeError, IndexError) as error:  # a forward without position ids or 4-D masks
+    except (TypeError, ValueError, RuntimeError, IndexError, AttributeError) as error:  # no position ids / 4-D masks
         log.warning("packing check failed on %s (%s): training padded", type(model).__name__, error)
         return False
     finally:

@@ -216,14 +216,15 @@ def train_loop(config: dict[str, Any]) -> None:
             position, indices = next(stream)
             mine = indices[rank * b : (rank + 1) * b]
             batch = collate_pairs([pairs[i] for i in mine], config["pad_token_id"])
-            tokens += sum(len(pairs[i].prompt_ids) * 2 + len(pairs[i].chosen_ids) + len(pairs[i].rejected_ids)
-                          for i in mine)
+            tokens += sum(pairs[i].chosen_length + pairs[i].rejected_length for i in mine)
             batch = pack_batch(batch) if engine.module.packing else batch  # on the host: no device sync
             batch = {k: v.to(device) for k, v in batch.items()}
             losses, metrics = micro_batch_loss(engine, batch, feed(mine, batch), options)
             engine.backward(losses.mean())  # DeepSpeed divides by the accumulation steps and averages workers
             # Gradients, parameters and (from the second step) optimizer state all live now: the peak.
-            state_mb = max(state_mb, state_bytes(engine) / 2**20)
+            # It is the same every step after the second, so the tensor walk stays off the hot path.
+            if step < start_step + 2:
+                state_mb = max(state_mb, state_bytes(engine) / 2**20)
             engine.step()
             add_metrics(sums, metrics)
         metrics = _reduce(sums, b * cfg.train.gradient_accumulation_steps, tokens, dist)

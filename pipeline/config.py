@@ -125,6 +125,8 @@ class TrackingConfig(_Strict):
     experiment: str = Field("rayprefopt", min_length=1)
     log_model: bool = Field(False, description="also upload the exported model as a run artifact")
     tags: dict[str, str] = Field(default_factory=dict, description="extra tags on every run (jobs.pipeline adds `pipeline`)")
+    flush_timeout_s: float = Field(120.0, ge=0, description="at the end of a run, how long to wait for a tracking "
+                                   "server that went away to take the metrics still queued for it")
 
 
 class ReferenceConfig(_Strict):

@@ -10,13 +10,23 @@ Where runs go: ``tracking.uri`` if set, else ``$MLFLOW_TRACKING_URI``, else an
 embedded SQLite store under the output directory (``<output.dir>/mlflow.db``,
 artifacts beside it). A server URI that does not answer is a
 :class:`TrackingError` raised by :func:`open_tracker` before any training.
+
+Metrics go through an :class:`Outbox`: a background thread delivers them in
+order, so a tracking server that stops mid-run never stalls training. Batches it
+cannot deliver stay queued and are retried with backoff; when the run ends the
+tracker waits up to ``tracking.flush_timeout_s`` for them, then raises a
+:class:`TrackingError` that says what did not reach the server (every metric is
+also in the run's ``metrics.jsonl``).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import threading
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +35,8 @@ from pipeline.errors import PipelineError
 
 SECRET_KEY = re.compile(r"token|secret|password|passwd|api[_-]?key|credential|auth", re.IGNORECASE)
 REDACTED = "***"
+
+log = logging.getLogger(__name__)
 
 
 class TrackingError(PipelineError):
@@ -65,14 +77,76 @@ def redact(params: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+class Outbox:
+    """Metric batches on their way to one MLflow run, delivered in order by a daemon thread. A batch the
+    store does not take (server down, store locked) stays at the head of the queue and is retried after
+    ``retry_s`` seconds, doubling up to ``max_retry_s``: the caller never waits on the store."""
+
+    def __init__(self, client: Any, run_id: str, retry_s: float = 1.0, max_retry_s: float = 10.0):
+        self.client, self.run_id = client, run_id
+        self.retry_s, self.max_retry_s = retry_s, max_retry_s
+        self.pending: deque[tuple[int, list[Any]]] = deque()  # (step, metrics)
+        self.delivered = 0
+        self.failures = 0  # failed delivery attempts so far
+        self.last_error: str | None = None
+        self._wake = threading.Condition()
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="mlflow-outbox", daemon=True)
+        self._thread.start()
+
+    def put(self, step: int, metrics: list[Any]) -> None:
+        with self._wake:
+            self.pending.append((step, metrics))
+            self._wake.notify()
+
+    def close(self, timeout: float) -> list[tuple[int, list[Any]]]:
+        """Wait up to ``timeout`` seconds for the queue to drain; returns what is still undelivered."""
+        deadline = time.monotonic() + timeout
+        with self._wake:
+            self._closing = True
+            self._wake.notify()
+            while self.pending and time.monotonic() < deadline:
+                self._wake.wait(min(0.2, max(0.0, deadline - time.monotonic())))
+            return list(self.pending)
+
+    def _run(self) -> None:
+        delay = self.retry_s
+        while True:
+            with self._wake:
+                while not self.pending:
+                    if self._closing:
+                        return
+                    self._wake.wait()
+                step, metrics = self.pending[0]
+            try:
+                self.client.log_batch(self.run_id, metrics=metrics)
+            except Exception as e:  # noqa: BLE001 - anything the store says is retried, then reported at close
+                self.failures += 1
+                self.last_error = f"{type(e).__name__}: {e}"
+                if self.failures == 1:
+                    log.warning("MLflow did not take the metrics of step %d; training goes on and they are "
+                                "retried in the background: %s", step, _safe(self.last_error)[:300])
+                with self._wake:
+                    self._wake.wait(delay)  # a close() does not cut the wait short: the store had its chance
+                delay = min(delay * 2, self.max_retry_s)
+                continue
+            delay = self.retry_s
+            with self._wake:
+                self.pending.popleft()
+                self.delivered += 1
+                self._wake.notify_all()
+
+
 class Tracker:
     """One MLflow run. Construct with :func:`open_tracker`; use as a context manager."""
 
-    def __init__(self, client: Any, run_id: str | None, uri: str, owner: bool = True):
+    def __init__(self, client: Any, run_id: str | None, uri: str, owner: bool = True, flush_timeout_s: float = 120.0):
         self.client = client
         self.run_id = run_id
         self.uri = uri
         self.owner = owner  # the process that opened the run ends it; attached workers only log
+        self.flush_timeout_s = flush_timeout_s
+        self.outbox: Outbox | None = None  # started by the first log_metrics
 
     @property
     def active(self) -> bool:
@@ -88,13 +162,15 @@ class Tracker:
             self.client.log_batch(self.run_id, params=items[start : start + 100])
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Queued for the outbox: returns at once whether or not the store answers."""
         if not self.active:
             return
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        self.client.log_batch(self.run_id, metrics=items)
+        if self.outbox is None:
+            self.outbox = Outbox(self.client, self.run_id)
+        self.outbox.put(step, [Metric(k, float(v), now, step) for k, v in metrics.items()])
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if not self.active:
@@ -105,16 +181,59 @@ class Tracker:
         else:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
 
+    def flush(self) -> None:
+        """Deliver every queued metric, waiting up to ``flush_timeout_s``; a TrackingError says what the
+        store did not take. The outbox is closed: call once, when the run's logging is over."""
+        if self.outbox is None:
+            return
+        outbox, self.outbox = self.outbox, None
+        undelivered = outbox.close(self.flush_timeout_s)
+        if undelivered:
+            steps = sorted({step for step, _ in undelivered})
+            raise TrackingError(
+                f"MLflow at {_safe(self.uri)} did not take the metrics of {len(steps)} step(s) "
+                f"({steps[0]}-{steps[-1]}) within tracking.flush_timeout_s={self.flush_timeout_s:g} s, after "
+                f"{outbox.failures} failed attempt(s); last error: {_safe(outbox.last_error or '?')[:300]}. "
+                "Training itself finished: every metric is in the run's metrics.jsonl")
+
     def end(self, status: str = "FINISHED") -> None:
-        if self.active and self.owner:
-            self.client.set_terminated(self.run_id, status)
-            self.run_id = None
+        """Flush, then mark the run ``status`` (the owner only). An undeliverable flush marks it FAILED
+        if the store answers again, and raises."""
+        if not self.active:
+            return
+        try:
+            self.flush()
+        except TrackingError:
+            if self.owner:
+                try:  # FAILED if the store answers again by now; left RUNNING there otherwise
+                    self._terminate("FAILED")
+                except TrackingError as e:
+                    log.error("%s", e)
+            raise
+        if self.owner:
+            self._terminate(status)
+
+    def _terminate(self, status: str) -> None:
+        run_id, self.run_id = self.run_id, None
+        try:
+            check_server(self.uri) if self.uri.startswith(("http://", "https://")) else None
+            self.client.set_terminated(run_id, status)
+        except Exception as e:  # noqa: BLE001
+            raise TrackingError(f"MLflow run {run_id} at {_safe(self.uri)} could not be marked {status} "
+                                f"(it stays RUNNING there): {type(e).__name__}: {e}") from None
 
     def __enter__(self) -> Tracker:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.end("FINISHED" if exc_type is None else ("KILLED" if exc_type is KeyboardInterrupt else "FAILED"))
+        status = "FINISHED" if exc_type is None else ("KILLED" if exc_type is KeyboardInterrupt else "FAILED")
+        if exc_type is None:
+            self.end(status)
+            return
+        try:  # the error in flight is the one to see; the store's trouble is logged beside it
+            self.end(status)
+        except TrackingError as e:
+            log.error("%s", e)
 
 
 def open_tracker(cfg: RunConfig, run_name: str, *, rank: int = 0, tags: dict[str, str] | None = None,
@@ -124,6 +243,7 @@ def open_tracker(cfg: RunConfig, run_name: str, *, rank: int = 0, tags: dict[str
     uri = tracking_uri(cfg)
     if rank != 0 or not cfg.tracking.enabled:
         return Tracker(None, None, uri)
+    timeout = cfg.tracking.flush_timeout_s
 
     database = _sqlite_path(uri)
     if database is not None:
@@ -136,7 +256,7 @@ def open_tracker(cfg: RunConfig, run_name: str, *, rank: int = 0, tags: dict[str
             client.update_run(run_id, status="RUNNING")
         except Exception as e:
             raise TrackingError(f"MLflow run {run_id} at {_safe(uri)} cannot be reopened: {type(e).__name__}: {e}") from None
-        return Tracker(client, run_id, uri)
+        return Tracker(client, run_id, uri, flush_timeout_s=timeout)
     try:
         experiment = client.get_experiment_by_name(cfg.tracking.experiment)
         if experiment is None:
@@ -146,7 +266,7 @@ def open_tracker(cfg: RunConfig, run_name: str, *, rank: int = 0, tags: dict[str
         run = client.create_run(experiment_id, run_name=run_name, tags={**cfg.tracking.tags, **(tags or {})})
     except Exception as e:  # connection refused, bad URI, read-only store: all fatal here, before training
         raise TrackingError(f"MLflow tracking store at {_safe(uri)} cannot be used: {type(e).__name__}: {e}") from None
-    return Tracker(client, run.info.run_id, uri)
+    return Tracker(client, run.info.run_id, uri, flush_timeout_s=timeout)
 
 
 def experiment_client(cfg: RunConfig) -> tuple[Any, Any | None]:
@@ -174,13 +294,34 @@ def find_run(cfg: RunConfig, tags: dict[str, str]) -> Any | None:
     return runs[0] if runs else None
 
 
-def attach_tracker(uri: str, run_id: str | None, rank: int) -> Tracker:
-    """A worker's handle on a run the driver opened: rank 0 logs into it, every other rank is a no-op."""
+def attach_tracker(uri: str, run_id: str | None, rank: int, flush_timeout_s: float = 120.0) -> Tracker:
+    """A worker's handle on a run the driver opened: rank 0 logs into it, every other rank is a no-op.
+    The worker calls :meth:`Tracker.flush` when its logging is over."""
     if rank != 0 or run_id is None:
         return Tracker(None, None, uri)
     from mlflow.tracking import MlflowClient
 
-    return Tracker(MlflowClient(tracking_uri=uri), run_id, uri, owner=False)
+    return Tracker(MlflowClient(tracking_uri=uri), run_id, uri, owner=False, flush_timeout_s=flush_timeout_s)
+
+
+UNDELIVERED = "mlflow-undelivered.txt"
+
+
+def flush_worker(tracker: Tracker, folder: Path) -> None:
+    """A Ray worker's end of logging. What the store did not take goes to ``folder``/UNDELIVERED for the
+    driver to raise (:func:`raise_undelivered`): raising here would fail, and restart, the worker group."""
+    try:
+        tracker.flush()
+    except TrackingError as e:
+        log.error("%s", e)
+        (folder / UNDELIVERED).write_text(str(e), encoding="utf-8")
+
+
+def raise_undelivered(folder: Path) -> None:
+    """The driver's side of :func:`flush_worker`, once training has finished and its outputs are saved."""
+    report = folder / UNDELIVERED
+    if report.is_file():
+        raise TrackingError(report.read_text(encoding="utf-8"))
 
 
 def _client(uri: str, database: Path | None) -> Any:

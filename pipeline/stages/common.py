@@ -42,6 +42,9 @@ def fit_stage(name: str, loop: Callable[[dict[str, Any]], None], loop_config: di
         trainer.fit()
     except Exception as e:
         raise StageFailed(f"{name} failed: {type(e).__name__}: {e}") from e
+    from pipeline.tracking import raise_undelivered
+
+    raise_undelivered(storage / name)  # metrics a worker could not deliver to MLflow
 
 
 def check_cluster(stage: StageTrainConfig) -> None:
@@ -117,7 +120,8 @@ class StepLog:
 
         quiet_train_reports()
         self.rank = rank
-        self.tracker = attach_tracker(config["tracking_uri"], config["run_id"], rank)
+        self.tracker = attach_tracker(config["tracking_uri"], config["run_id"], rank,
+                                      config["cfg"]["tracking"]["flush_timeout_s"])
         self.file = (Path(config["run_folder"]) / "metrics.jsonl").open("a", encoding="utf-8") if rank == 0 else None
         self.bar = None
         if rank == 0 and config.get("progress"):
@@ -139,8 +143,11 @@ class StepLog:
             self.bar.update(1)
 
     def close(self) -> None:
+        from pipeline.tracking import flush_worker
+
         if self.file is not None:
             self.file.close()
+            flush_worker(self.tracker, Path(self.file.name).parent)
         if self.bar is not None:
             self.bar.close()
 

@@ -29,7 +29,7 @@ from pipeline.errors import PipelineError
 from pipeline.eval.evaluator import Evaluator, build_evaluator
 from pipeline.reference.cache import ChunkPlan, ReferenceCache, usable_cache
 from pipeline.reference.scorer import stats_kind
-from pipeline.tracking import check_store, flatten, open_tracker
+from pipeline.tracking import check_store, flatten, open_tracker, raise_undelivered
 from pipeline.train.batches import PairBatches
 from pipeline.train.local import TrainResult, prepare_data, run_name, steady_median
 
@@ -171,14 +171,15 @@ def train_distributed(cfg: RunConfig, *, progress: bool = True, run_dir: Path | 
         tracker.log_artifact(run_dir / "data_report.json")
         result = _fit(cfg, dataset.pairs, tokenizer, storage, run_folder, tracker, progress, faults, evaluator,
                       callbacks)
+        result.run_id = tracker.run_id  # end() forgets it
         tracker.log_metrics({"reference/forward_passes": result.reference_forward_passes,
                              "reference/cached_chunks": result.reference_cached_chunks}, step=cfg.train.max_steps)
         if result.model_dir is not None:
             tokenizer.save_pretrained(result.model_dir)
             if cfg.tracking.log_model:
                 tracker.log_artifact(result.model_dir, "model")
+    raise_undelivered(run_folder)  # metrics the workers could not deliver to MLflow: said now, outputs saved
     result.run_dir = run_dir
-    result.run_id = tracker.run_id
     return result
 
 
@@ -216,6 +217,9 @@ def _fit(cfg: RunConfig, pairs: list, tokenizer: Any, storage: Path, run_folder:
                 evaluator.reference_actors = list(group.actors)
         factory = FeedFactory(kind, cfg_tree, plan, refs, cache)
     d = cfg.distributed
+    # Ray Train's controller takes a worker's report (and notices failures and the end) when it polls,
+    # every 2 s by default; a worker reporting faster waits. Polled every 0.5 s unless the user set it.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     trainer = TorchTrainer(
         train_loop_per_worker=_train_loop,
         train_loop_config={"cfg": cfg_tree, "pairs": ray.put(pairs), "pad_token_id": tokenizer.pad_token_id,

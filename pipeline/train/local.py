@@ -15,6 +15,7 @@ import copy
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,8 +119,11 @@ def write_data_report(dataset: PreferenceDataset, run_dir: Path) -> None:
     (run_dir / "data_report.json").write_text(json.dumps(payload, indent=2), encoding="utf-8")
 
 
-def train_local(cfg: RunConfig, *, progress: bool = True, run_dir: Path | None = None) -> TrainResult:
-    """Validate everything cheap, then train on one process; MLflow gets params, metrics, artifacts."""
+def train_local(cfg: RunConfig, *, progress: bool = True, run_dir: Path | None = None,
+                on_step: Callable[[int], None] | None = None) -> TrainResult:
+    """Validate everything cheap, then train on one process; MLflow gets params, metrics, artifacts.
+    ``on_step(step)`` is called after each optimizer step is logged (a notebook's hook; the fault
+    tests stop a tracking server from it)."""
     torch.manual_seed(cfg.train.seed)
     run_dir = run_dir or run_dir_for(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -134,14 +138,15 @@ def train_local(cfg: RunConfig, *, progress: bool = True, run_dir: Path | None =
         tracker.log_params(flatten(cfg.model_dump(mode="json")))
         tracker.log_artifact(run_dir / "config.yaml")
         tracker.log_artifact(run_dir / "data_report.json")
-        result = _train(cfg, run_dir, dataset, batches, tokenizer, tracker, progress, evaluator)
+        result = _train(cfg, run_dir, dataset, batches, tokenizer, tracker, progress, evaluator, on_step)
         if result.model_dir is not None and cfg.tracking.log_model:
             tracker.log_artifact(result.model_dir, "model")
     return result
 
 
 def _train(cfg: RunConfig, run_dir: Path, dataset: PreferenceDataset, batches: PairBatches, tokenizer: Any,
-           tracker: Tracker, progress: bool, evaluator: Evaluator | None = None) -> TrainResult:
+           tracker: Tracker, progress: bool, evaluator: Evaluator | None = None,
+           on_step: Callable[[int], None] | None = None) -> TrainResult:
     from tqdm.auto import tqdm
 
     policy, reference = load_models(cfg)
@@ -184,6 +189,8 @@ def _train(cfg: RunConfig, run_dir: Path, dataset: PreferenceDataset, batches: P
                 result.evaluations.append({"step": step + 1, **point})
                 tracker.log_metrics(point, step=step + 1)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}")
+            if on_step is not None:
+                on_step(step + 1)
     result.seconds_per_step = steady_median(durations)
 
     if result.evaluations:

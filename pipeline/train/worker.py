@@ -197,9 +197,9 @@ def train_loop(config: dict[str, Any]) -> None:
     batches = PairBatches(len(pairs), cfg.train.batch_size * world, cfg.train.seed)
     stream = batches.iterate(position)
 
-    from pipeline.tracking import attach_tracker
+    from pipeline.tracking import attach_tracker, flush_worker
 
-    tracker = attach_tracker(config["tracking_uri"], config["run_id"], rank)
+    tracker = attach_tracker(config["tracking_uri"], config["run_id"], rank, cfg.tracking.flush_timeout_s)
     b = cfg.train.batch_size
     device = engine.device
     log = (run_folder / "metrics.jsonl").open("a", encoding="utf-8") if rank == 0 else None
@@ -244,13 +244,15 @@ def train_loop(config: dict[str, Any]) -> None:
         point = {}
         if evaluator is not None and evaluator.due(done, cfg.train.max_steps):
             point = _evaluate(evaluator, engine, feed, cfg, rank, world, done, bar, evals, tracker)
-        _report(engine, cfg, done, next_position(batches, position), {**metrics, **point})
+        _report(engine, cfg, done, next_position(batches, position), {**metrics, **point},
+                config.get("report_steps", False))
         if bar is not None:
             bar.set_description(f"{cfg.loss.name} loss {metrics['loss']:.4f}")
             bar.update(1)
     for handle in (log, evals):
         if handle is not None:
             handle.close()
+    flush_worker(tracker, run_folder)
     if bar is not None:
         bar.close()
     if cfg.train.save_model:
@@ -303,7 +305,10 @@ def _reduce(sums: dict[str, torch.Tensor], pairs: int, tokens: int, dist: Any) -
     return out
 
 
-def _report(engine: Any, cfg: RunConfig, step: int, position: BatchPosition, metrics: dict[str, float]) -> None:
+def _report(engine: Any, cfg: RunConfig, step: int, position: BatchPosition, metrics: dict[str, float],
+            every_log_step: bool) -> None:
+    """Checkpoints and evaluation points always go to Ray Train; the other logged steps only when
+    something reads them (a sweep trial's Tune callback): each report waits for the controller's poll."""
     import ray.train
 
     every = cfg.distributed.checkpoint_every
@@ -313,5 +318,5 @@ def _report(engine: Any, cfg: RunConfig, step: int, position: BatchPosition, met
             ray.train.report({"step": step, **metrics}, checkpoint=ray.train.Checkpoint.from_directory(folder))
         finally:
             shutil.rmtree(folder, ignore_errors=True)
-    elif step % cfg.train.log_every == 0 or "eval/reward" in metrics:
+    elif "eval/reward" in metrics or (every_log_step and step % cfg.train.log_every == 0):
         ray.train.report({"step": step, **metrics})

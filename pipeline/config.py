@@ -10,6 +10,7 @@ nowhere else.
 
 from __future__ import annotations
 
+import reprlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,10 +23,16 @@ from pipeline.errors import ConfigError
 # validating a config never imports torch.
 LossName = Literal["dpo", "cdpo", "ipo", "hinge", "tdpo1", "tdpo2"]
 TOKEN_LEVEL_LOSSES = frozenset({"tdpo1", "tdpo2"})
+# numpy's and Optuna's seed range (torch takes more, but a seed must work everywhere it is passed).
+MAX_SEED = 2**32 - 1
+# YAML aliases let a few lines stand for a huge tree (a "billion laughs") or one that contains itself;
+# copying, validating or saving such a tree would hang, so a config is refused past this many values.
+MAX_CONFIG_VALUES = 100_000
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    # NaN passes no bound check it meets and slips through unbounded fields; inf is never a meaningful setting.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False)
 
 
 class ModelConfig(_Strict):
@@ -88,7 +95,7 @@ class LossConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     learning_rate: float = Field(5e-6, gt=0, le=1.0)
     weight_decay: float = Field(0.0, ge=0)
     batch_size: int = Field(4, ge=1, description="preference pairs per micro-batch (per worker when distributed)")
@@ -211,7 +218,7 @@ class EvalConfig(_Strict):
     num_prompts: int | None = Field(32, ge=1, description="use the first N prompts; null: all")
     prompt_words: int | None = Field(None, ge=1, description="rows with only `text`: its first N words are the prompt")
     every_steps: int | None = Field(None, ge=1, description="also evaluate every N optimizer steps")
-    seed: int = Field(1234, ge=0, description="sampling seed; every evaluation draws with the same seed")
+    seed: int = Field(1234, ge=0, le=MAX_SEED, description="sampling seed; every evaluation draws with the same seed")
     generation: GenerationConfig = GenerationConfig()
     reward: RewardConfig = RewardConfig()
 
@@ -226,7 +233,7 @@ class PairsConfig(_Strict):
     prompt_words: int | None = Field(None, ge=1, description="rows with only `text`: its first N words are the prompt")
     samples_per_prompt: int = Field(4, ge=2, le=1024)
     min_margin: float = Field(0.0, ge=0, description="drop prompts whose best and worst rewards differ by no more")
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     generation: GenerationConfig = GenerationConfig()
     reward: RewardConfig = RewardConfig()
     num_actors: int = Field(1, ge=1, description="generator actors (each holds the policy and the reward source)")
@@ -243,7 +250,7 @@ class StageTrainConfig(_Strict):
     max_steps: int = Field(50, ge=1)
     warmup_steps: int = Field(0, ge=0)
     max_length: int = Field(256, ge=2)
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     num_workers: int = Field(1, ge=1)
     cpus_per_worker: float = Field(1.0, gt=0)
     use_gpu: bool = False
@@ -317,7 +324,7 @@ class SweepConfig(_Strict):
     num_samples: int = Field(1, ge=1, description="grid: repeats of the whole grid; random/optuna: trials")
     max_concurrent_trials: int = Field(1, ge=1)
     trial_cpus: float = Field(0.0, ge=0, description="CPUs of each trial's driver; its workers and actors ask for their own")
-    seed: int = Field(0, ge=0, description="seed of the random and optuna searches")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of the random and optuna searches")
     kl_budget: float | None = Field(None, gt=0, description="best config per method: highest reward at KL <= this")
     evaluate_reference: bool = Field(True, description="evaluate the untrained reference once, on the parent run")
     asha: AshaConfig = AshaConfig()
@@ -359,9 +366,48 @@ def _format_validation_error(err: ValidationError, origin: str) -> str:
         elif e["type"] == "missing":
             msg = "required key is missing"
         got = e.get("input")
-        suffix = "" if e["type"] in ("missing", "extra_forbidden") or isinstance(got, dict) else f" (got {got!r})"
+        hide = e["type"] in ("missing", "extra_forbidden") or isinstance(got, dict)
+        suffix = "" if hide else f" (got {_short_repr(got)})"
         lines.append(f"  {path}: {msg}{suffix}")
     return "\n".join(lines)
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 80
+
+
+def _short_repr(value: Any) -> str:
+    """repr, cut short: an offending value may be a megabyte string or a large nested list."""
+    return _REPR.repr(value)
+
+
+def safe_load_yaml(text: str, where: str) -> Any:
+    """``yaml.safe_load`` whose every failure is a :class:`ConfigError` naming ``where``.
+
+    Besides ``YAMLError``, PyYAML's constructors raise ValueError (``2020-13-01``, ``!!int x``),
+    KeyError (``!!bool x``), IndexError (``!!int ``) and more, and its composer RecursionError on deep
+    nesting. ``safe_load`` of a string has no side effects, so any failure is the text's.
+    """
+    try:
+        tree = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where} is not valid YAML: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{where} is not valid YAML: nested too deeply") from None
+    except Exception as e:
+        raise ConfigError(f"{where} is not valid YAML: a value cannot be read ({type(e).__name__}: {e})") from None
+    count, stack = 0, [tree]
+    while stack:  # iterative: a self-containing tree never ends, it only counts up
+        node = stack.pop()
+        count += 1
+        if count > MAX_CONFIG_VALUES:
+            raise ConfigError(f"{where} holds more than {MAX_CONFIG_VALUES} values once its YAML aliases are "
+                              "expanded, or an alias refers to itself")
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return tree
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -372,10 +418,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     path = key.strip().split(".")
     if any(not p for p in path):
         raise ConfigError(f"override {text!r} has an empty component in its key path")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as e:
-        raise ConfigError(f"override {text!r}: value is not valid YAML: {e}") from None
+    value = safe_load_yaml(raw, f"override {_short_repr(text)}: the value") if raw.strip() else ""
     return path, value
 
 
@@ -407,9 +450,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path} cannot be read: {e}") from None
+    tree = safe_load_yaml(text, f"config file {path}")
     if tree is None:
         return {}
     if not isinstance(tree, dict):
@@ -428,7 +472,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     """Read a YAML file (or start empty), apply ``key.path=value`` overrides, validate."""
     tree = read_yaml(path) if path is not None else {}
     tree = apply_overrides(tree, list(overrides))
-    origin = f"{path}" + (f" with overrides {list(overrides)}" if overrides else "")
+    origin = f"{path}" + (f" with overrides [{', '.join(map(_short_repr, overrides))}]" if overrides else "")
     return validate_config(tree, origin)
 
 

@@ -12,6 +12,7 @@ returns the list of :class:`RowProblem` for the row.
 
 from __future__ import annotations
 
+import reprlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +54,9 @@ def normalize_record(row: int, record: Any) -> PreferenceExample | list[RowProbl
         if split is None:
             return [RowProblem(row, "prompt", "no prompt given and chosen/rejected share no leading text to infer one")]
         values["prompt"], values["chosen"], values["rejected"] = split
+        for field in ("chosen", "rejected"):
+            if not conversational and not values[field].strip():  # e.g. chosen "0 ", rejected "0"
+                return [RowProblem(row, field, "is empty once the prompt shared with the other response is removed")]
     if conversational:
         for field in ("chosen", "rejected"):
             role = values[field][0]["role"]
@@ -96,7 +100,8 @@ def _check_field(value: Any, conversational: bool) -> tuple[Any, str | None]:
         return None, f"expected a string, got {_kind(value)}"
     if not value.strip():
         return None, "is empty"
-    return value, None
+    issue = _unicode_issue(value)
+    return (None, issue) if issue else (value, None)
 
 
 def _check_messages(messages: list[Any]) -> tuple[Any, str | None]:
@@ -107,12 +112,24 @@ def _check_messages(messages: list[Any]) -> tuple[Any, str | None]:
             return None, f"message {i} is {_kind(msg)}, not an object with role and content"
         role, content = msg.get("role"), msg.get("content")
         if role not in ROLES:
-            return None, f"message {i} has role {role!r}; expected one of {', '.join(ROLES)}"
+            # reprlib: the role quoted short, whatever it is (a megabyte string, a nested list)
+            return None, f"message {i} has role {reprlib.repr(role)}; expected one of {', '.join(ROLES)}"
         if not isinstance(content, str):
             return None, f"message {i} content is {_kind(content)}, not a string"
         if not content.strip():
             return None, f"message {i} content is empty"
+        if issue := _unicode_issue(content):
+            return None, f"message {i} content {issue}"
     return [{"role": m["role"], "content": m["content"]} for m in messages], None
+
+
+def _unicode_issue(text: str) -> str | None:
+    """JSON's \\ud800-style escapes can spell lone surrogates, which no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"is not valid Unicode (unpaired surrogate {text[e.start]!r} at character {e.start})"
+    return None
 
 
 def _split_implicit_prompt(chosen: Any, rejected: Any) -> tuple[Any, Any, Any] | None:

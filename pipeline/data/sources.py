@@ -20,6 +20,10 @@ from pipeline.errors import DataError
 
 LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
 BUILTIN_PREFIX = "builtin:"
+# UTF-8 that drops a leading byte-order mark, which Windows editors and Excel write: left in, it
+# turns a CSV header's first column into "\ufeffprompt" (so every row's prompt goes missing) and
+# makes the first JSON line unparseable.
+UTF8_SIG = "utf-8-sig"
 
 
 @dataclass(frozen=True)
@@ -79,7 +83,7 @@ def _read_jsonl(path: Path) -> Iterator[tuple[int, Record]]:
     with path.open("rb") as f:
         for number, raw in enumerate(f, start=1):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode(UTF8_SIG if number == 1 else "utf-8")
             except UnicodeDecodeError as e:
                 yield number, Unparseable(f"line is not valid UTF-8 ({e.reason} at byte {e.start})")
                 continue
@@ -89,15 +93,23 @@ def _read_jsonl(path: Path) -> Iterator[tuple[int, Record]]:
                 yield number, json.loads(line)
             except json.JSONDecodeError as e:
                 yield number, Unparseable(f"line is not valid JSON: {e.msg} at character {e.pos}")
+            except RecursionError:
+                yield number, Unparseable("line is not usable JSON: nested too deeply")
+            except ValueError as e:  # e.g. an integer of more than 4300 digits
+                yield number, Unparseable(f"line is not usable JSON: {e}")
 
 
 def _read_json(path: Path) -> Iterator[tuple[int, Record]]:
     try:
-        tree = json.loads(path.read_bytes().decode("utf-8"))
+        tree = json.loads(path.read_bytes().decode(UTF8_SIG))
     except UnicodeDecodeError as e:
         raise DataError(f"{path} is not valid UTF-8 ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise DataError(f"{path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}") from None
+    except RecursionError:
+        raise DataError(f"{path} is not usable JSON: nested too deeply") from None
+    except ValueError as e:  # e.g. an integer of more than 4300 digits
+        raise DataError(f"{path} is not usable JSON: {e}") from None
     # {"train": [...], "test": [...]} and {"data": [...]} are common wrappings of a list of rows.
     if isinstance(tree, dict) and len(tree) == 1 and isinstance(next(iter(tree.values())), list):
         tree = next(iter(tree.values()))
@@ -108,7 +120,7 @@ def _read_json(path: Path) -> Iterator[tuple[int, Record]]:
 
 def _read_csv(path: Path) -> Iterator[tuple[int, Record]]:
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = path.read_bytes().decode(UTF8_SIG)
     except UnicodeDecodeError as e:
         raise DataError(f"{path} is not valid UTF-8 ({e.reason} at byte {e.start})") from None
     reader = csv.DictReader(text.splitlines())

@@ -127,33 +127,6 @@ def test_reference_cache_is_hit_by_a_second_run(tmp_path):
     # k is part of the fingerprint: test_reference.py::test_fingerprint_follows_what_determines_the_statistics
 
 
-def test_worker_killed_mid_run_resumes_exactly(tmp_path):
-    common = ("loss.name=tdpo2", "distributed.checkpoint_every=2", "distributed.max_failures=1")
-    clean = train_distributed(distributed_cfg(tmp_path, "clean", *common), progress=False)
-    killed = train_distributed(distributed_cfg(tmp_path, "killed", *common), progress=False,
-                               faults={"kill_worker": {"rank": 1, "step": 3, "delay_s": 6}})
-    assert (tmp_path / "killed" / ".fault-kill-worker-1-3").exists()  # the worker did die
-    lines = (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == STEPS + 1  # steps 1-3, then 3-6 again from the checkpoint after step 2
-    assert losses(killed) == pytest.approx(losses(clean), abs=1e-6)
-    a, b = weights(clean.model_dir), weights(killed.model_dir)
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
-
-
-def test_reference_actor_killed_mid_run_is_replaced(tmp_path):
-    common = ("loss.name=tdpo2", "reference.cache=false")
-    clean = train_distributed(distributed_cfg(tmp_path, "clean", *common), progress=False)
-    killed = train_distributed(distributed_cfg(tmp_path, "killed", *common), progress=False,
-                               faults={"kill_reference": {"actor": 0, "task": 1}})
-    assert killed.reference_restarts == 1
-    assert clean.reference_restarts == 0
-    assert losses(killed) == losses(clean)
-    a, b = weights(clean.model_dir), weights(killed.model_dir)
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
-
-
 def test_colocated_reference_matches_single_process(tmp_path, single_process):
     """The reference inside each worker: no actors, no cache, the same losses."""
     result = train_distributed(distributed_cfg(tmp_path, "colocated", "loss.name=tdpo2", "reference.mode=colocated"),

@@ -31,6 +31,7 @@ from pipeline.reference.cache import ChunkPlan, ReferenceCache, usable_cache
 from pipeline.reference.scorer import stats_kind
 from pipeline.tracking import check_store, flatten, open_tracker, raise_undelivered
 from pipeline.train.batches import PairBatches
+from pipeline.train.checkpoints import check_space, out_of_space
 from pipeline.train.local import TrainResult, prepare_data, run_name, steady_median
 
 log = logging.getLogger(__name__)
@@ -160,6 +161,7 @@ def train_distributed(cfg: RunConfig, *, progress: bool = True, run_dir: Path | 
     # The tracking server answers and the workers alone fit, before an MLflow run is opened: a
     # refused run leaves no FAILED run behind. (The reference actors are counted in _fit, once the
     # cache says whether they are needed.)
+    check_space(cfg, storage)  # room for the checkpoints the run keeps, before any of them is written
     check_store(cfg)
     connect_ray(cfg.distributed.address)
     check_resources(cfg, 0)
@@ -173,7 +175,9 @@ def train_distributed(cfg: RunConfig, *, progress: bool = True, run_dir: Path | 
                       callbacks)
         result.run_id = tracker.run_id  # end() forgets it
         tracker.log_metrics({"reference/forward_passes": result.reference_forward_passes,
-                             "reference/cached_chunks": result.reference_cached_chunks}, step=cfg.train.max_steps)
+                             "reference/cached_chunks": result.reference_cached_chunks,
+                             **({} if result.trained_pairs is None else
+                                {"train/pairs_trained": sum(result.trained_pairs)})}, step=cfg.train.max_steps)
         if result.model_dir is not None:
             tokenizer.save_pretrained(result.model_dir)
             if cfg.tracking.log_model:
@@ -241,15 +245,20 @@ def _fit(cfg: RunConfig, pairs: list, tokenizer: Any, storage: Path, run_folder:
         forward_passes = group.forward_passes() if group is not None else 0
         restarts = group.restarts() if group is not None else 0
     except Exception as e:
-        raise TrainingFailed(f"training failed: {type(e).__name__}: {e}") from e
+        full = out_of_space(e, storage, "checkpoints")  # Ray Train's controller writes there too
+        raise TrainingFailed(f"training failed: {full if full is not e else f'{type(e).__name__}: {e}'}") from e
     finally:
         if group is not None:
             group.shutdown()
+    from pipeline.train.checkpoints import merge_ledgers
+
+    ledger = merge_ledgers(run_folder, d.num_workers)
     result = TrainResult(run_dir=run_folder, history=_read_history(run_folder / "metrics.jsonl"),
                          evaluations=_read_history(run_folder / "eval.jsonl"))
     result.reference_forward_passes = forward_passes
     result.reference_cached_chunks = cached_chunks
     result.reference_restarts = restarts
+    result.trained_pairs = None if ledger is None else ledger["counts"]
     result.checkpoint = None if fit.checkpoint is None else fit.checkpoint.path
     result.seconds_per_step = steady_median([h["seconds"] for h in result.history])
     if cfg.train.save_model:

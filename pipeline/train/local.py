@@ -46,6 +46,7 @@ class TrainResult:
     checkpoint: str | None = None  # distributed: the last checkpoint
     evaluations: list[dict[str, float]] = field(default_factory=list)  # {"step", "eval/reward", ...} per evaluation
     run_id: str | None = None  # distributed: the run's MLflow run
+    trained_pairs: list[int] | None = None  # distributed: times each pair was trained on (trained_pairs.json)
 
 
 def steady_median(seconds: list[float]) -> float:

@@ -9,7 +9,10 @@ same whatever the number of workers, and a single-process run with
 Checkpoints (every ``distributed.checkpoint_every`` steps and at the end) hold
 the DeepSpeed state (ZeRO shards, optimizer, LR schedule) and, in its client
 state, the step and the :class:`BatchPosition` of the next micro-batch; a
-restarted worker group resumes there, so no pair is skipped or seen twice.
+restarted worker group resumes from the newest *good* one (see
+:mod:`pipeline.train.checkpoints`), so no pair is skipped or seen twice. Each
+rank's ledger of trained pairs travels with the checkpoints and ends in
+``trained_pairs.json``, which proves it.
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ import json
 import os
 import shutil
 import signal
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -27,11 +29,10 @@ import torch
 
 from pipeline.config import RunConfig
 from pipeline.data.tokenization import collate_pairs
+from pipeline.train import checkpoints
 from pipeline.train.batches import BatchPosition, PairBatches
 from pipeline.train.packing import pack_batch, packing_supported
 from pipeline.train.step import ResponseLogits, StepOptions, add_metrics, micro_batch_loss
-
-CHECKPOINT_TAG = "state"
 
 
 def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
@@ -123,28 +124,6 @@ def next_position(batches: PairBatches, position: BatchPosition) -> BatchPositio
     return BatchPosition(position.epoch + 1, 0)
 
 
-def save_checkpoint(engine: Any, step: int, position: BatchPosition) -> str:
-    """DeepSpeed state of this rank in a fresh local folder (Ray merges every rank's files on upload)."""
-    folder = tempfile.mkdtemp(prefix="rayprefopt-ckpt-")
-    engine.save_checkpoint(folder, tag=CHECKPOINT_TAG,
-                           client_state={"step": step, "position": [position.epoch, position.batch]})
-    return folder
-
-
-def restore(engine: Any) -> tuple[int, BatchPosition]:
-    """(steps done, next batch position) from the latest reported checkpoint, or a fresh start."""
-    import ray.train
-
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return 0, BatchPosition()
-    with checkpoint.as_directory() as folder:
-        path, client = engine.load_checkpoint(folder, tag=CHECKPOINT_TAG)
-    if path is None:
-        raise RuntimeError(f"checkpoint {checkpoint.path} holds no DeepSpeed state under tag {CHECKPOINT_TAG!r}")
-    return int(client["step"]), BatchPosition(*client["position"])
-
-
 def export_model(engine: Any, cfg: RunConfig, folder: Path, rank: int) -> None:
     """The policy as a Hugging Face folder (safetensors); ZeRO-3 shards are gathered first."""
     import deepspeed
@@ -161,8 +140,16 @@ def export_model(engine: Any, cfg: RunConfig, folder: Path, rank: int) -> None:
 
 def _maybe_die(faults: dict[str, Any], rank: int, step: int, run_folder: Path) -> None:
     """Fault injection for the fault tests: SIGKILL this worker once, at the start of a given step,
-    after ``delay_s`` seconds (Ray Train registers a reported checkpoint when its controller next
-    polls the workers, every 2 s by default: a crash sooner resumes from the checkpoint before)."""
+    after ``delay_s`` seconds (Ray Train registers a reported checkpoint when its controller next polls
+    the workers, every 0.5 s here: a crash sooner resumes from the checkpoint before) and, with
+    ``truncate_latest``, after cutting the newest checkpoint's model file in half. ``fill_storage``:
+    rank 0 fills the storage's disk at the start of a step, as another tenant would."""
+    fill = faults.get("fill_storage")  # another tenant takes the storage's space, leaving leave_bytes
+    if fill and rank == 0 and fill["step"] == step and not (run_folder.parent / ".fault-filler").exists():
+        with (run_folder.parent / ".fault-filler").open("wb") as f:
+            while (free := shutil.disk_usage(run_folder).free) > fill["leave_bytes"]:
+                f.write(bytes(min(free - fill["leave_bytes"], 2**20)))
+                f.flush()
     plan = faults.get("kill_worker")
     if not plan or plan["rank"] != rank or plan["step"] != step:
         return
@@ -171,7 +158,23 @@ def _maybe_die(faults: dict[str, Any], rank: int, step: int, run_folder: Path) -
         return
     marker.touch()
     time.sleep(plan.get("delay_s", 0))
+    if plan.get("truncate_latest"):
+        newest = max(p for p in run_folder.glob("checkpoint_*") if p.is_dir())
+        target = next(newest.rglob("*model_states.pt"))
+        with target.open("r+b") as f:
+            f.truncate(target.stat().st_size // 2)
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _resume(engine: Any, rank: int, world: int, run_folder: Path, num_pairs: int) -> tuple[int, BatchPosition, list[int]]:
+    """(steps done, next batch position, this rank's ledger) from the newest good checkpoint, or a fresh start."""
+    import ray.train
+
+    restored = checkpoints.restore(engine, ray.train.get_checkpoint(), rank, world, run_folder, num_pairs)
+    if restored is None:
+        return 0, BatchPosition(), [0] * num_pairs
+    step, position, ledger = restored
+    return step, BatchPosition(*position), ledger
 
 
 def train_loop(config: dict[str, Any]) -> None:
@@ -193,7 +196,7 @@ def train_loop(config: dict[str, Any]) -> None:
     engine = build_engine(cfg, world)
     feed = config["make_feed"]()
     options = StepOptions.from_config(cfg.loss)
-    start_step, position = restore(engine)
+    start_step, position, ledger = _resume(engine, rank, world, run_folder, len(pairs))
     batches = PairBatches(len(pairs), cfg.train.batch_size * world, cfg.train.seed)
     stream = batches.iterate(position)
 
@@ -215,8 +218,8 @@ def train_loop(config: dict[str, Any]) -> None:
         for _ in range(cfg.train.gradient_accumulation_steps):
             position, indices = next(stream)
             mine = indices[rank * b : (rank + 1) * b]
+            tokens += _record(pairs, mine, ledger)
             batch = collate_pairs([pairs[i] for i in mine], config["pad_token_id"])
-            tokens += sum(pairs[i].chosen_length + pairs[i].rejected_length for i in mine)
             batch = pack_batch(batch) if engine.module.packing else batch  # on the host: no device sync
             batch = {k: v.to(device) for k, v in batch.items()}
             losses, metrics = micro_batch_loss(engine, batch, feed(mine, batch), options)
@@ -244,7 +247,7 @@ def train_loop(config: dict[str, Any]) -> None:
         point = {}
         if evaluator is not None and evaluator.due(done, cfg.train.max_steps):
             point = _evaluate(evaluator, engine, feed, cfg, rank, world, done, bar, evals, tracker)
-        _report(engine, cfg, done, next_position(batches, position), {**metrics, **point},
+        _report(engine, cfg, rank, done, next_position(batches, position), ledger, {**metrics, **point},
                 config.get("report_steps", False))
         if bar is not None:
             bar.set_description(f"{cfg.loss.name} loss {metrics['loss']:.4f}")
@@ -253,10 +256,18 @@ def train_loop(config: dict[str, Any]) -> None:
         if handle is not None:
             handle.close()
     flush_worker(tracker, run_folder)
+    (run_folder / f"trained-{checkpoints.LEDGER.format(rank=rank)}").write_text(json.dumps(ledger), encoding="utf-8")
     if bar is not None:
         bar.close()
     if cfg.train.save_model:
         export_model(engine, cfg, run_folder / "model", rank)
+
+
+def _record(pairs: list[Any], mine: list[int], ledger: list[int]) -> int:
+    """Count ``mine`` in this rank's ledger; returns their tokens (from the host, no device sync)."""
+    for i in mine:
+        ledger[i] += 1
+    return sum(pairs[i].chosen_length + pairs[i].rejected_length for i in mine)
 
 
 def _evaluate(evaluator: Any, engine: Any, feed: Any, cfg: RunConfig, rank: int, world: int, step: int,
@@ -305,18 +316,29 @@ def _reduce(sums: dict[str, torch.Tensor], pairs: int, tokens: int, dist: Any) -
     return out
 
 
-def _report(engine: Any, cfg: RunConfig, step: int, position: BatchPosition, metrics: dict[str, float],
-            every_log_step: bool) -> None:
+def _report(engine: Any, cfg: RunConfig, rank: int, step: int, position: BatchPosition, ledger: list[int],
+            metrics: dict[str, float], every_log_step: bool) -> None:
     """Checkpoints and evaluation points always go to Ray Train; the other logged steps only when
     something reads them (a sweep trial's Tune callback): each report waits for the controller's poll."""
     import ray.train
 
     every = cfg.distributed.checkpoint_every
     if step == cfg.train.max_steps or (every is not None and step % every == 0):
-        folder = save_checkpoint(engine, step, position)
+        folder = checkpoints.save(engine, rank, step, [position.epoch, position.batch], ledger)
         try:  # a synchronous report copies the folder to the run storage
-            ray.train.report({"step": step, **metrics}, checkpoint=ray.train.Checkpoint.from_directory(folder))
+            ray.train.report({"step": step, **metrics}, checkpoint=ray.train.Checkpoint.from_directory(str(folder)))
+        except (OSError, RuntimeError) as e:
+            clear = checkpoints.out_of_space(e, _storage(cfg), f"the checkpoint of step {step}")
+            if clear is e:
+                raise
+            raise clear from e
         finally:
             shutil.rmtree(folder, ignore_errors=True)
     elif "eval/reward" in metrics or (every_log_step and step % cfg.train.log_every == 0):
         ray.train.report({"step": step, **metrics})
+
+
+def _storage(cfg: RunConfig) -> Path:
+    from pipeline.train.distributed import storage_root
+
+    return storage_root(cfg)

@@ -481,8 +481,17 @@ def dump_config(cfg: RunConfig) -> str:
 
 
 def save_config(cfg: RunConfig, run_dir: str | Path) -> Path:
-    """Write the resolved config next to a run's outputs; reloading it gives the same config."""
+    """Write the resolved config next to a run's outputs; reloading it gives the same config, except
+    that credentials written into a URI (scheme://user:password@host) are replaced by ``***``: give
+    them through the environment (e.g. MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD)."""
     path = Path(run_dir) / "config.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(dump_config(cfg), encoding="utf-8")
+    path.write_text(hide_uri_credentials(dump_config(cfg)), encoding="utf-8")
     return path
+
+
+def hide_uri_credentials(text: str) -> str:
+    """``scheme://user:pass@host`` -> ``scheme://***@host``, anywhere in ``text``."""
+    import re
+
+    return re.sub(r"(://)[^/@\s]+@", r"\1***@", text)

@@ -30,7 +30,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import RunConfig
+from pipeline.config import RunConfig, hide_uri_credentials
 from pipeline.errors import PipelineError
 
 SECRET_KEY = re.compile(r"token|secret|password|passwd|api[_-]?key|credential|auth", re.IGNORECASE)
@@ -215,6 +215,8 @@ class Tracker:
 
     def _terminate(self, status: str) -> None:
         run_id, self.run_id = self.run_id, None
+        if _safe(self.uri) != self.uri:  # MLflow would print the run's link, credentials and all
+            os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
         try:
             check_server(self.uri) if self.uri.startswith(("http://", "https://")) else None
             self.client.set_terminated(run_id, status)
@@ -371,4 +373,4 @@ def _artifact_root(uri: str) -> str | None:
 
 def _safe(text: str) -> str:
     """Hide credentials embedded in a URI (scheme://user:pass@host)."""
-    return re.sub(r"(://)[^/@\s]+@", rf"\1{REDACTED}@", text)
+    return hide_uri_credentials(text)

@@ -1,0 +1,128 @@
+"""Who can reach what, and what a run writes down.
+
+* The servers the project opens (Ray's dashboard and job API, the MLflow server) listen on loopback
+  only; Ray's own gRPC servers, which Ray 2.60 binds to every interface whatever --node-ip-address
+  says, all require the cluster's token (docs/reliability.md).
+* No secret from the environment or from a credentialed URI reaches MLflow params, tags, metrics,
+  artifacts or logs, nor the run's own files.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+
+from pipeline.config import load_config
+from pipeline.train.local import train_local
+from tests.conftest import TINY_CONFIG
+from tests.faults.servers import MlflowServer
+
+LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
+
+
+def listeners(pids: set[int]) -> dict[int, set[tuple[str, int]]]:
+    """pid -> {(address, port)} of the TCP sockets those processes listen on."""
+    found: dict[int, set[tuple[str, int]]] = {}
+    for c in psutil.net_connections(kind="tcp"):
+        if c.status == psutil.CONN_LISTEN and c.pid in pids:
+            found.setdefault(c.pid, set()).add((c.laddr.ip, c.laddr.port))
+    return found
+
+
+def cluster_processes(cluster) -> dict[int, str]:
+    """Every process the cluster script started (by their state dir or session), with its command line."""
+    procs = {}
+    for p in psutil.process_iter(["pid", "cmdline", "environ"]):
+        try:
+            cmd = " ".join(p.info["cmdline"] or [])
+            env = p.info["environ"] or {}
+        except (psutil.Error, TypeError):
+            continue
+        if str(cluster.base) in cmd or env.get("RAY_AUTH_TOKEN_PATH") == str(cluster.token_path):
+            procs[p.info["pid"]] = cmd
+    return procs
+
+
+RAY_PROGRAMS = ("/ray/core/src/ray/gcs/gcs_server", "/ray/core/src/ray/raylet/raylet", "ray::",
+                "ray/_private/workers/default_worker.py", "ray/dashboard/", "ray/autoscaler/",
+                "ray.util.client.server", "ray/_private/log_monitor.py", "ray/_private/runtime_env/agent")
+
+
+def test_the_servers_we_open_listen_on_loopback_and_ray_s_own_are_all_ray(ray_cluster):
+    procs = cluster_processes(ray_cluster)
+    bound = listeners(set(procs))
+    addresses = {port: {a for pid, items in bound.items() for a, p in items if p == port}
+                 for port in (ray_cluster.dashboard_port, ray_cluster.mlflow_port)}
+    print(f"\ndashboard, job API and MLflow listen on: {addresses}")
+    for port, where in addresses.items():
+        assert where and where <= LOOPBACK, (port, where)
+    mlflow_pids = {pid for pid, cmd in procs.items() if "mlflow" in cmd}
+    assert mlflow_pids and all(a in LOOPBACK for pid in mlflow_pids for a, _ in bound.get(pid, ()))
+    # Every other listener is one of Ray's own servers (gRPC, agents), token-checked.
+    exposed = {(pid, procs[pid][:100], a, p) for pid, items in bound.items() for a, p in items if a not in LOOPBACK}
+    print("Ray's servers on other interfaces:", len(exposed))
+    strangers = [e for e in exposed if not any(program in e[1] for program in RAY_PROGRAMS)]
+    assert not strangers, strangers
+
+
+def test_ray_refuses_a_driver_without_the_token(ray_cluster, tmp_path):
+    env = {k: v for k, v in ray_cluster.env.items() if k != "RAY_AUTH_TOKEN_PATH"}
+    env.update(HOME=str(tmp_path), RAY_AUTH_MODE="token")  # no ~/.ray/auth_token to fall back on
+    code = f"import ray; ray.init(address={ray_cluster.address!r}); print('CONNECTED', ray.cluster_resources())"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "CONNECTED" not in proc.stdout
+    assert "token" in proc.stderr.lower()
+
+
+SECRETS = {
+    "MLFLOW_TRACKING_PASSWORD": "mlflow-pw-5e1f0c",
+    "AWS_SECRET_ACCESS_KEY": "aws-secret-9b7d2a",
+    "HF_TOKEN": "hf_token_c4a81e",
+    "RAY_AUTH_TOKEN": "ray-token-77f3b0",
+    "AZURE_STORAGE_CONNECTION_STRING": "AccountKey=azure-key-1d9e44",
+}
+URI_PASSWORD = "uri-pw-3c2b8d"
+
+
+def test_no_secret_reaches_mlflow_or_the_run_s_files(tmp_path, monkeypatch, caplog, capfd):
+    for name, value in SECRETS.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
+    server = MlflowServer(tmp_path / "server")
+    server.folder.mkdir()
+    server.start()
+    try:
+        # Credentials in the tracking URI as well (requests sends them as basic auth; the server ignores them).
+        uri = server.uri.replace("http://", f"http://alice:{URI_PASSWORD}@")
+        cfg = load_config(TINY_CONFIG, ["train.max_steps=2", "train.warmup_steps=0", "data.limit=8",
+                                        f"output.dir={tmp_path / 'out'}", f"tracking.uri={uri}",
+                                        "tracking.log_model=true", "eval.enabled=false",
+                                        "tracking.tags={team: nlp}"])
+        with caplog.at_level(logging.DEBUG):
+            result = train_local(cfg, progress=False)
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(server.uri)
+        [run] = client.search_runs([client.get_experiment_by_name("rayprefopt").experiment_id])
+        texts = {"params": repr(run.data.params), "tags": repr(run.data.tags),
+                 "metric names": repr(sorted(run.data.metrics)), "logs": caplog.text + "".join(capfd.readouterr())}
+    finally:
+        server.stop()
+    assert run.data.params["tracking.uri"] == server.uri.replace("http://", "http://***@")
+    assert "tracking.uri" in run.data.params and len(run.data.params) > 50  # the config was logged
+    # Every file the run and the server wrote: the run folder, the server's database and artifact store.
+    files = [p for root in (result.run_dir, server.folder) for p in Path(root).rglob("*") if p.is_file()]
+    assert any(p.name == "model.safetensors" for p in files) and any(p.name == "config.yaml" for p in files)
+    for name, text in texts.items():
+        for secret in (*SECRETS.values(), URI_PASSWORD):
+            assert secret not in text, (name, secret)
+    for path in files:
+        data = path.read_bytes()
+        for secret in (*SECRETS.values(), URI_PASSWORD):
+            assert secret.encode() not in data, (path, secret)
+    assert os.environ["HF_TOKEN"] == SECRETS["HF_TOKEN"]  # they were there to leak

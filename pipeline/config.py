@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import ConfigError
 
@@ -132,8 +132,17 @@ class TrackingConfig(_Strict):
     experiment: str = Field("rayprefopt", min_length=1)
     log_model: bool = Field(False, description="also upload the exported model as a run artifact")
     tags: dict[str, str] = Field(default_factory=dict, description="extra tags on every run (jobs.pipeline adds `pipeline`)")
-    flush_timeout_s: float = Field(120.0, ge=0, description="at the end of a run, how long to wait for a tracking "
+    flush_timeout_s: float = Field(120.0, gt=0, description="at the end of a run, how long to wait for a tracking "
                                    "server that went away to take the metrics still queued for it")
+
+    @field_validator("uri")
+    @classmethod
+    def _no_credentials(cls, uri: str | None) -> str | None:
+        if uri is not None and hide_uri_credentials(uri) != uri:
+            raise ValueError("carries credentials (user:password@), which would be written into run folders, "
+                             "sweep state and logs; give them as $MLFLOW_TRACKING_USERNAME and "
+                             "$MLFLOW_TRACKING_PASSWORD (or $MLFLOW_TRACKING_TOKEN) instead")
+        return uri
 
 
 class ReferenceConfig(_Strict):
@@ -465,7 +474,7 @@ def validate_config(tree: dict[str, Any], origin: str = "config") -> RunConfig:
     try:
         return RunConfig.model_validate(tree)
     except ValidationError as e:
-        raise ConfigError(_format_validation_error(e, origin)) from None
+        raise ConfigError(hide_uri_credentials(_format_validation_error(e, origin))) from None
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
@@ -491,7 +500,8 @@ def save_config(cfg: RunConfig, run_dir: str | Path) -> Path:
 
 
 def hide_uri_credentials(text: str) -> str:
-    """``scheme://user:pass@host`` -> ``scheme://***@host``, anywhere in ``text``."""
+    """``scheme://user:pass@host`` -> ``scheme://***@host``, anywhere in ``text``; up to the last ``@``
+    before whitespace or a quote, so a password holding ``@`` or ``/`` is hidden whole."""
     import re
 
-    return re.sub(r"(://)[^/@\s]+@", r"\1***@", text)
+    return re.sub(r"(://)[^\s'\"]*@", r"\1***@", text)

@@ -43,11 +43,18 @@ class TrackingError(PipelineError):
     """The tracking store cannot be reached or written."""
 
 
+CREDENTIALS_ADVICE = ("give them as $MLFLOW_TRACKING_USERNAME and $MLFLOW_TRACKING_PASSWORD (or "
+                      "$MLFLOW_TRACKING_TOKEN) in the environment of every process that logs")
+
+
 def tracking_uri(cfg: RunConfig) -> str:
     if cfg.tracking.uri:
         return cfg.tracking.uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
+        uri = os.environ["MLFLOW_TRACKING_URI"]
+        if _safe(uri) != uri:  # it would be written into sweep state, printed by MLflow, passed to workers
+            raise TrackingError(f"$MLFLOW_TRACKING_URI ({_safe(uri)}) carries credentials; " + CREDENTIALS_ADVICE)
+        return uri
     root = Path(cfg.output.dir).expanduser().resolve()
     return f"sqlite:///{root / 'mlflow.db'}"
 
@@ -78,9 +85,10 @@ def redact(params: dict[str, Any]) -> dict[str, Any]:
 
 
 class Outbox:
-    """Metric batches on their way to one MLflow run, delivered in order by a daemon thread. A batch the
-    store does not take (server down, store locked) stays at the head of the queue and is retried after
-    ``retry_s`` seconds, doubling up to ``max_retry_s``: the caller never waits on the store."""
+    """Metric batches on their way to one MLflow run, delivered in order by a daemon thread: the caller
+    never waits on the store. A batch the store cannot take now (server down, store locked) stays at
+    the head of the queue and is retried after ``retry_s`` seconds, doubling up to ``max_retry_s``; one
+    it refuses for good (an HTTP 4xx: a deleted run, an invalid value) is dropped and counted."""
 
     def __init__(self, client: Any, run_id: str, retry_s: float = 1.0, max_retry_s: float = 10.0):
         self.client, self.run_id = client, run_id
@@ -88,9 +96,11 @@ class Outbox:
         self.pending: deque[tuple[int, list[Any]]] = deque()  # (step, metrics)
         self.delivered = 0
         self.failures = 0  # failed delivery attempts so far
+        self.failing = False  # the last attempt failed
         self.last_error: str | None = None
+        self.refused: list[int] = []  # steps whose batch the store refused for good
         self._wake = threading.Condition()
-        self._closing = False
+        self._stop = threading.Event()  # set when close() gives up: the thread ends
         self._thread = threading.Thread(target=self._run, name="mlflow-outbox", daemon=True)
         self._thread.start()
 
@@ -100,41 +110,60 @@ class Outbox:
             self._wake.notify()
 
     def close(self, timeout: float) -> list[tuple[int, list[Any]]]:
-        """Wait up to ``timeout`` seconds for the queue to drain; returns what is still undelivered."""
+        """Wait for the queue to drain: as long as the store takes batches, and at most ``timeout``
+        seconds once it fails. Returns what is still undelivered; the thread then stops."""
         deadline = time.monotonic() + timeout
         with self._wake:
-            self._closing = True
-            self._wake.notify()
-            while self.pending and time.monotonic() < deadline:
-                self._wake.wait(min(0.2, max(0.0, deadline - time.monotonic())))
-            return list(self.pending)
+            while self.pending and (not self.failing or time.monotonic() < deadline):
+                self._wake.wait(0.2)
+            left = list(self.pending)
+            self._stop.set()
+            self._wake.notify_all()
+        return left
 
     def _run(self) -> None:
         delay = self.retry_s
-        while True:
+        while not self._stop.is_set():
             with self._wake:
-                while not self.pending:
-                    if self._closing:
-                        return
+                while not self.pending and not self._stop.is_set():
                     self._wake.wait()
+                if self._stop.is_set():
+                    return
                 step, metrics = self.pending[0]
             try:
                 self.client.log_batch(self.run_id, metrics=metrics)
-            except Exception as e:  # noqa: BLE001 - anything the store says is retried, then reported at close
+            except Exception as e:  # noqa: BLE001 - anything the store says is retried or reported at close
+                self.last_error = _safe(f"{type(e).__name__}: {e}")
+                if _refused_for_good(e):
+                    log.error("MLflow refused the metrics of step %d: %s", step, self.last_error[:300])
+                    self._done(refused=step)
+                    continue
                 self.failures += 1
-                self.last_error = f"{type(e).__name__}: {e}"
+                self.failing = True
                 if self.failures == 1:
                     log.warning("MLflow did not take the metrics of step %d; training goes on and they are "
-                                "retried in the background: %s", step, _safe(self.last_error)[:300])
-                with self._wake:
-                    self._wake.wait(delay)  # a close() does not cut the wait short: the store had its chance
+                                "retried in the background: %s", step, self.last_error[:300])
+                self._stop.wait(delay)  # new batches do not cut the backoff short; giving up does
                 delay = min(delay * 2, self.max_retry_s)
                 continue
             delay = self.retry_s
-            with self._wake:
-                self.pending.popleft()
+            self._done()
+
+    def _done(self, refused: int | None = None) -> None:
+        with self._wake:
+            self.pending.popleft()
+            self.failing = False
+            if refused is None:
                 self.delivered += 1
-                self._wake.notify_all()
+            else:
+                self.refused.append(refused)
+            self._wake.notify_all()
+
+
+def _refused_for_good(error: Exception) -> bool:
+    """An HTTP 4xx other than 429 (too many requests): sending the same batch again cannot help."""
+    status = getattr(error, "get_http_status_code", lambda: None)()
+    return isinstance(status, int) and 400 <= status < 500 and status != 429
 
 
 class Tracker:
@@ -176,33 +205,42 @@ class Tracker:
         if not self.active:
             return
         path = Path(path)
-        if path.is_dir():
-            self.client.log_artifacts(self.run_id, str(path), artifact_path)
-        else:
-            self.client.log_artifact(self.run_id, str(path), artifact_path)
+        try:
+            if path.is_dir():
+                self.client.log_artifacts(self.run_id, str(path), artifact_path)
+            else:
+                self.client.log_artifact(self.run_id, str(path), artifact_path)
+        except Exception as e:  # noqa: BLE001 - the store's error, said with the URI's credentials hidden
+            raise TrackingError(f"MLflow at {_safe(self.uri)} did not take the artifact {path}: "
+                                f"{_safe(f'{type(e).__name__}: {e}')[:500]}") from None
 
-    def flush(self) -> None:
+    def flush(self, timeout: float | None = None) -> None:
         """Deliver every queued metric, waiting up to ``flush_timeout_s``; a TrackingError says what the
-        store did not take. The outbox is closed: call once, when the run's logging is over."""
+        store did not take (``timeout``: instead of ``flush_timeout_s``). The outbox is closed: call once,
+        when the run's logging is over."""
         if self.outbox is None:
             return
         outbox, self.outbox = self.outbox, None
-        undelivered = outbox.close(self.flush_timeout_s)
+        undelivered = outbox.close(self.flush_timeout_s if timeout is None else timeout)
         if undelivered:
             steps = sorted({step for step, _ in undelivered})
             raise TrackingError(
                 f"MLflow at {_safe(self.uri)} did not take the metrics of {len(steps)} step(s) "
                 f"({steps[0]}-{steps[-1]}) within tracking.flush_timeout_s={self.flush_timeout_s:g} s, after "
-                f"{outbox.failures} failed attempt(s); last error: {_safe(outbox.last_error or '?')[:300]}. "
+                f"{outbox.failures} failed attempt(s); last error: {(outbox.last_error or '?')[:300]}. "
                 "Training itself finished: every metric is in the run's metrics.jsonl")
+        if outbox.refused:
+            raise TrackingError(
+                f"MLflow at {_safe(self.uri)} refused the metrics of step(s) {outbox.refused}: "
+                f"{(outbox.last_error or '?')[:300]}. Every metric is in the run's metrics.jsonl")
 
-    def end(self, status: str = "FINISHED") -> None:
+    def end(self, status: str = "FINISHED", timeout: float | None = None) -> None:
         """Flush, then mark the run ``status`` (the owner only). An undeliverable flush marks it FAILED
         if the store answers again, and raises."""
         if not self.active:
             return
         try:
-            self.flush()
+            self.flush(timeout)
         except TrackingError:
             if self.owner:
                 try:  # FAILED if the store answers again by now; left RUNNING there otherwise
@@ -215,14 +253,12 @@ class Tracker:
 
     def _terminate(self, status: str) -> None:
         run_id, self.run_id = self.run_id, None
-        if _safe(self.uri) != self.uri:  # MLflow would print the run's link, credentials and all
-            os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
         try:
             check_server(self.uri) if self.uri.startswith(("http://", "https://")) else None
             self.client.set_terminated(run_id, status)
         except Exception as e:  # noqa: BLE001
             raise TrackingError(f"MLflow run {run_id} at {_safe(self.uri)} could not be marked {status} "
-                                f"(it stays RUNNING there): {type(e).__name__}: {e}") from None
+                                f"(it stays RUNNING there): {_safe(f'{type(e).__name__}: {e}')}") from None
 
     def __enter__(self) -> Tracker:
         return self
@@ -232,8 +268,8 @@ class Tracker:
         if exc_type is None:
             self.end(status)
             return
-        try:  # the error in flight is the one to see; the store's trouble is logged beside it
-            self.end(status)
+        try:  # the error in flight is the one to see, soon; the store's trouble is logged beside it
+            self.end(status, timeout=min(self.flush_timeout_s, 10.0))
         except TrackingError as e:
             log.error("%s", e)
 
@@ -257,7 +293,8 @@ def open_tracker(cfg: RunConfig, run_name: str, *, rank: int = 0, tags: dict[str
         try:
             client.update_run(run_id, status="RUNNING")
         except Exception as e:
-            raise TrackingError(f"MLflow run {run_id} at {_safe(uri)} cannot be reopened: {type(e).__name__}: {e}") from None
+            raise TrackingError(f"MLflow run {run_id} at {_safe(uri)} cannot be reopened: "
+                                f"{_safe(f'{type(e).__name__}: {e}')}") from None
         return Tracker(client, run_id, uri, flush_timeout_s=timeout)
     try:
         experiment = client.get_experiment_by_name(cfg.tracking.experiment)
@@ -267,7 +304,8 @@ def open_tracker(cfg: RunConfig, run_name: str, *, rank: int = 0, tags: dict[str
             experiment_id = experiment.experiment_id
         run = client.create_run(experiment_id, run_name=run_name, tags={**cfg.tracking.tags, **(tags or {})})
     except Exception as e:  # connection refused, bad URI, read-only store: all fatal here, before training
-        raise TrackingError(f"MLflow tracking store at {_safe(uri)} cannot be used: {type(e).__name__}: {e}") from None
+        raise TrackingError(f"MLflow tracking store at {_safe(uri)} cannot be used: "
+                            f"{_safe(f'{type(e).__name__}: {e}')}") from None
     return Tracker(client, run.info.run_id, uri, flush_timeout_s=timeout)
 
 
@@ -281,7 +319,7 @@ def experiment_client(cfg: RunConfig) -> tuple[Any, Any | None]:
 
 def ui_command(uri: str) -> str:
     """How to look at the runs: the command serving an embedded store on loopback, or the server's URI."""
-    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1" if uri.startswith("sqlite") else uri
+    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1" if uri.startswith("sqlite") else _safe(uri)
 
 
 def find_run(cfg: RunConfig, tags: dict[str, str]) -> Any | None:
@@ -317,6 +355,11 @@ def flush_worker(tracker: Tracker, folder: Path) -> None:
     except TrackingError as e:
         log.error("%s", e)
         (folder / UNDELIVERED).write_text(str(e), encoding="utf-8")
+
+
+def clear_undelivered(folder: Path) -> None:
+    """Before a run starts in ``folder``: a report an earlier run left there is not this run's."""
+    (folder / UNDELIVERED).unlink(missing_ok=True)
 
 
 def raise_undelivered(folder: Path) -> None:
@@ -355,7 +398,8 @@ def check_server(uri: str, timeout: float = 5.0) -> None:
     try:
         response = requests.get(uri.rstrip("/") + "/health", timeout=timeout)
     except requests.RequestException as e:
-        raise TrackingError(f"MLflow tracking server {_safe(uri)} is unreachable: {type(e).__name__}: {e}") from None
+        raise TrackingError(f"MLflow tracking server {_safe(uri)} is unreachable: "
+                            f"{_safe(f'{type(e).__name__}: {e}')}") from None
     if response.status_code != 200:
         raise TrackingError(f"MLflow tracking server {_safe(uri)} answered /health with HTTP {response.status_code}")
 

@@ -38,13 +38,13 @@ def fit_stage(name: str, loop: Callable[[dict[str, Any]], None], loop_config: di
         torch_config=TorchConfig(backend="nccl" if stage.use_gpu else "gloo"),
         run_config=RayRunConfig(name=name, storage_path=str(storage)),
     )
+    from pipeline.tracking import clear_undelivered
+
+    clear_undelivered(storage / name)  # not ours: an earlier run of this name left it
     try:
         trainer.fit()
     except Exception as e:
         raise StageFailed(f"{name} failed: {type(e).__name__}: {e}") from e
-    from pipeline.tracking import raise_undelivered
-
-    raise_undelivered(storage / name)  # metrics a worker could not deliver to MLflow
 
 
 def check_cluster(stage: StageTrainConfig) -> None:

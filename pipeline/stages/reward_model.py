@@ -108,7 +108,7 @@ def run_reward_model(cfg: RunConfig, *, progress: bool = True) -> StageResult:
 
     from pipeline.models.loading import load_tokenizer
     from pipeline.stages.common import check_batches, check_cluster, fit_stage, read_jsonl
-    from pipeline.tracking import flatten, open_tracker
+    from pipeline.tracking import flatten, open_tracker, raise_undelivered
     from pipeline.train.distributed import connect_ray, storage_root
 
     r = cfg.reward_model
@@ -138,6 +138,7 @@ def run_reward_model(cfg: RunConfig, *, progress: bool = True) -> StageResult:
         history = read_jsonl(run_folder / "metrics.jsonl")
         final = read_jsonl(run_folder / "final.jsonl")[-1]
         tracker.log_metrics(final, step=r.max_steps)
+        raise_undelivered(run_folder)  # metrics the workers could not deliver, said once the model is saved
         return StageResult(run_folder, model_dir, history, final, tracker.run_id)
 
 

@@ -87,7 +87,7 @@ def run_sft(cfg: RunConfig, *, progress: bool = True) -> StageResult:
 
     from pipeline.models.loading import load_tokenizer
     from pipeline.stages.common import check_batches, check_cluster, fit_stage, read_jsonl
-    from pipeline.tracking import flatten, open_tracker
+    from pipeline.tracking import flatten, open_tracker, raise_undelivered
     from pipeline.train.distributed import connect_ray, storage_root
 
     m = cfg.model
@@ -113,6 +113,7 @@ def run_sft(cfg: RunConfig, *, progress: bool = True) -> StageResult:
         if cfg.tracking.log_model:
             tracker.log_artifact(model_dir, "model")
         history = read_jsonl(run_folder / "metrics.jsonl")
+        raise_undelivered(run_folder)  # metrics the workers could not deliver, said once the model is saved
         return StageResult(run_folder, model_dir, history, {"final_loss": history[-1]["loss"]}, tracker.run_id)
 
 

@@ -49,10 +49,12 @@ LEDGER = "pairs-rank{rank}.json"
 RESTORES = "restores.jsonl"
 
 # Plain state classes DeepSpeed pickles into its optimizer files (found with
-# torch.serialization.get_unsafe_globals_in_checkpoint on ZeRO 0-3 checkpoints).
+# torch.serialization.get_unsafe_globals_in_checkpoint on ZeRO 0-3 checkpoints; the dynamic loss
+# scaler by reading DeepSpeed's ZeRO optimizers' state_dict, float16 being untestable on CPU).
 DEEPSPEED_GLOBALS = (
     "deepspeed.utils.tensor_fragment.fragment_address",
     "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",  # float16 runs
     "deepspeed.runtime.zero.config.ZeroStageEnum",
 )
 
@@ -74,7 +76,7 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def write_manifest(folder: Path, rank: int, step: int) -> Path:
+def write_manifest(folder: Path, rank: int, step: int, world: int = 1) -> Path:
     """List every file this rank wrote under ``folder`` (synced to disk first); written last, atomically,
     so a manifest only exists for a checkpoint whose files are all complete."""
     files = {}
@@ -83,7 +85,8 @@ def write_manifest(folder: Path, rank: int, step: int) -> Path:
         files[path.relative_to(folder).as_posix()] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
     target = folder / MANIFEST.format(rank=rank)
     partial = target.with_suffix(".partial")
-    partial.write_text(json.dumps({"step": step, "rank": rank, "files": files}, indent=1), encoding="utf-8")
+    partial.write_text(json.dumps({"step": step, "rank": rank, "world": world, "files": files}, indent=1),
+                       encoding="utf-8")
     _fsync(partial)
     os.replace(partial, target)
     return target
@@ -91,6 +94,13 @@ def write_manifest(folder: Path, rank: int, step: int) -> Path:
 
 def verify(folder: Path, world: int) -> int:
     """The step of a good checkpoint; a :class:`CheckpointError` naming the first file that is wrong."""
+    try:
+        return _verify(folder, world)
+    except OSError as e:  # unreadable storage: this checkpoint cannot be trusted, an older one may
+        raise CheckpointError(f"checkpoint {folder} cannot be read: {e}") from None
+
+
+def _verify(folder: Path, world: int) -> int:
     step = None
     for rank in range(world):
         manifest = folder / MANIFEST.format(rank=rank)
@@ -99,32 +109,35 @@ def verify(folder: Path, world: int) -> int:
                                   "(a crash or a full disk while it was saved)")
         try:
             record = json.loads(manifest.read_text(encoding="utf-8"))
-            files = record["files"]
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{manifest} is unreadable: {e}") from None
-        for name, expected in files.items():
+            files = {str(name): (int(e["bytes"]), str(e["sha256"])) for name, e in record["files"].items()}
+            written_by = int(record.get("world", world))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{manifest} is unreadable: {type(e).__name__}: {e}") from None
+        if written_by != world:
+            raise CheckpointError(f"{manifest} was written by {written_by} workers, this run has {world}")
+        for name, (size_then, digest) in files.items():
             path = folder / name
             if not path.is_file():
                 raise CheckpointError(f"checkpoint file {path} is missing")
             size = path.stat().st_size
-            if size != expected["bytes"]:
+            if size != size_then:
                 raise CheckpointError(f"checkpoint file {path} is truncated or overwritten: {size} bytes, "
-                                      f"{expected['bytes']} when it was written")
-            if _sha256(path) != expected["sha256"]:
+                                      f"{size_then} when it was written")
+            if _sha256(path) != digest:
                 raise CheckpointError(f"checkpoint file {path} is corrupted: its SHA-256 differs from the one "
                                       "recorded when it was written")
         step = record["step"] if step is None else step
     return int(step or 0)
 
 
-def save(engine: Any, rank: int, step: int, position: list[int], ledger: list[int]) -> Path:
+def save(engine: Any, rank: int, world: int, step: int, position: list[int], ledger: list[int]) -> Path:
     """This rank's part of a checkpoint in a fresh local folder, manifest last. Running out of space is a
     :class:`CheckpointError` naming the folder and what is free; the folder is removed."""
     folder = Path(tempfile.mkdtemp(prefix="rayprefopt-ckpt-"))
     try:
         engine.save_checkpoint(str(folder), tag=TAG, client_state={"step": step, "position": position})
         (folder / LEDGER.format(rank=rank)).write_text(json.dumps(ledger), encoding="utf-8")
-        write_manifest(folder, rank, step)
+        write_manifest(folder, rank, step, world)
     except (OSError, RuntimeError) as e:
         shutil.rmtree(folder, ignore_errors=True)
         clear = out_of_space(e, folder.parent, f"the checkpoint of step {step}")
@@ -161,21 +174,24 @@ def data_only_unpickling() -> Iterator[None]:
     for name in DEEPSPEED_GLOBALS:
         module, _, attr = name.rpartition(".")
         classes.append(getattr(importlib.import_module(module), attr))
-    before = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    names = ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")  # torch refuses both set
+    before = {name: os.environ.pop(name, None) for name in names}
     os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
     try:
         with torch.serialization.safe_globals(classes):
             yield
     finally:
-        if before is None:
-            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
-        else:
-            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = before
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def candidates(checkpoint: Any) -> list[Any]:
     """The checkpoint Ray Train reported last, then the older ones beside it, newest first (Ray names
-    them checkpoint_<timestamp>)."""
+    them checkpoint_<timestamp>). Newer folders are left alone: Ray never registered them (an upload
+    cut short, or a previous run's leftovers)."""
     import posixpath
 
     from pyarrow import fs as pafs
@@ -186,9 +202,10 @@ def candidates(checkpoint: Any) -> list[Any]:
         infos = checkpoint.filesystem.get_file_info(pafs.FileSelector(parent))
     except OSError:
         return [checkpoint]
+    reported = posixpath.basename(checkpoint.path.rstrip("/"))
     older = sorted((i.path for i in infos if i.type == pafs.FileType.Directory
                     and posixpath.basename(i.path).startswith("checkpoint_")
-                    and i.path.rstrip("/") != checkpoint.path.rstrip("/")), reverse=True)
+                    and posixpath.basename(i.path.rstrip("/")) < reported), reverse=True)
     return [checkpoint] + [Checkpoint(path=p, filesystem=checkpoint.filesystem) for p in older]
 
 

@@ -29,7 +29,7 @@ from pipeline.errors import PipelineError
 from pipeline.eval.evaluator import Evaluator, build_evaluator
 from pipeline.reference.cache import ChunkPlan, ReferenceCache, usable_cache
 from pipeline.reference.scorer import stats_kind
-from pipeline.tracking import check_store, flatten, open_tracker, raise_undelivered
+from pipeline.tracking import check_store, clear_undelivered, flatten, open_tracker, raise_undelivered
 from pipeline.train.batches import PairBatches
 from pipeline.train.checkpoints import check_space, out_of_space
 from pipeline.train.local import TrainResult, prepare_data, run_name, steady_median
@@ -182,7 +182,9 @@ def train_distributed(cfg: RunConfig, *, progress: bool = True, run_dir: Path | 
             tokenizer.save_pretrained(result.model_dir)
             if cfg.tracking.log_model:
                 tracker.log_artifact(result.model_dir, "model")
-    raise_undelivered(run_folder)  # metrics the workers could not deliver to MLflow: said now, outputs saved
+        # Metrics a worker could not deliver to MLflow: said now that the outputs are saved, and the
+        # run is not marked FINISHED.
+        raise_undelivered(run_folder)
     result.run_dir = run_dir
     return result
 
@@ -196,6 +198,7 @@ def _fit(cfg: RunConfig, pairs: list, tokenizer: Any, storage: Path, run_folder:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     kind = stats_kind(cfg)
+    clear_undelivered(run_folder)  # a report left by an earlier run of this name (a resumed trial) is not ours
     group = None
     cached_chunks = 0
     cfg_tree = cfg.model_dump(mode="json")
@@ -229,7 +232,7 @@ def _fit(cfg: RunConfig, pairs: list, tokenizer: Any, storage: Path, run_folder:
         train_loop_config={"cfg": cfg_tree, "pairs": ray.put(pairs), "pad_token_id": tokenizer.pad_token_id,
                            "make_feed": factory, "run_folder": str(run_folder), "run_id": tracker.run_id,
                            "tracking_uri": tracker.uri, "faults": faults, "progress": progress,
-                           "evaluator": evaluator},
+                           "evaluator": evaluator, "report_steps": bool(callbacks)},
         scaling_config=ScalingConfig(num_workers=d.num_workers, use_gpu=d.use_gpu,
                                      resources_per_worker={"CPU": d.cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if d.use_gpu else "gloo"),

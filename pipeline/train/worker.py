@@ -324,7 +324,8 @@ def _report(engine: Any, cfg: RunConfig, rank: int, step: int, position: BatchPo
 
     every = cfg.distributed.checkpoint_every
     if step == cfg.train.max_steps or (every is not None and step % every == 0):
-        folder = checkpoints.save(engine, rank, step, [position.epoch, position.batch], ledger)
+        world = ray.train.get_context().get_world_size()
+        folder = checkpoints.save(engine, rank, world, step, [position.epoch, position.batch], ledger)
         try:  # a synchronous report copies the folder to the run storage
             ray.train.report({"step": step, **metrics}, checkpoint=ray.train.Checkpoint.from_directory(str(folder)))
         except (OSError, RuntimeError) as e:

@@ -21,7 +21,7 @@ def fake_checkpoint(folder: Path, ranks: int = 2, step: int = 4) -> Path:
         part = folder / f"part{rank}"
         (part / "state").mkdir(parents=True)
         torch.save({"w": torch.arange(1000.0) * (rank + 1)}, part / "state" / f"zero_pp_rank_{rank}_optim_states.pt")
-        write_manifest(part, rank, step)
+        write_manifest(part, rank, step, world=ranks)
         for path in part.rglob("*"):
             if path.is_file():
                 target = folder / path.relative_to(part)

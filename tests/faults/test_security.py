@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import psutil
+import pytest
 
 from pipeline.config import load_config
 from pipeline.train.local import train_local
@@ -89,18 +90,31 @@ SECRETS = {
 URI_PASSWORD = "uri-pw-3c2b8d"
 
 
+def test_credentials_in_a_tracking_uri_are_refused_without_being_repeated(tmp_path, monkeypatch):
+    """A URI's credentials would be written into config.yaml, sweep state and logs: refused, pointing
+    at the environment variables MLflow reads instead; the password is not echoed."""
+    from pipeline.errors import ConfigError
+    from pipeline.tracking import TrackingError, check_store
+
+    with pytest.raises(ConfigError, match=r"tracking.uri: .*carries credentials.*MLFLOW_TRACKING_PASSWORD") as refused:
+        load_config(TINY_CONFIG, [f"tracking.uri=http://alice:{URI_PASSWORD}@127.0.0.1:5000"])
+    assert URI_PASSWORD not in str(refused.value) and "http://***@127.0.0.1:5000" in str(refused.value)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://alice:{URI_PASSWORD}@127.0.0.1:5000")
+    with pytest.raises(TrackingError, match=r"MLFLOW_TRACKING_URI \(http://\*\*\*@127.0.0.1:5000\) carries") as refused:
+        check_store(load_config(TINY_CONFIG, [f"output.dir={tmp_path}"]))
+    assert URI_PASSWORD not in str(refused.value)
+
+
 def test_no_secret_reaches_mlflow_or_the_run_s_files(tmp_path, monkeypatch, caplog, capfd):
     for name, value in SECRETS.items():
         monkeypatch.setenv(name, value)
-    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")  # sent as basic auth; the server ignores it
     server = MlflowServer(tmp_path / "server")
     server.folder.mkdir()
     server.start()
     try:
-        # Credentials in the tracking URI as well (requests sends them as basic auth; the server ignores them).
-        uri = server.uri.replace("http://", f"http://alice:{URI_PASSWORD}@")
         cfg = load_config(TINY_CONFIG, ["train.max_steps=2", "train.warmup_steps=0", "data.limit=8",
-                                        f"output.dir={tmp_path / 'out'}", f"tracking.uri={uri}",
+                                        f"output.dir={tmp_path / 'out'}", f"tracking.uri={server.uri}",
                                         "tracking.log_model=true", "eval.enabled=false",
                                         "tracking.tags={team: nlp}"])
         with caplog.at_level(logging.DEBUG):
@@ -113,16 +127,36 @@ def test_no_secret_reaches_mlflow_or_the_run_s_files(tmp_path, monkeypatch, capl
                  "metric names": repr(sorted(run.data.metrics)), "logs": caplog.text + "".join(capfd.readouterr())}
     finally:
         server.stop()
-    assert run.data.params["tracking.uri"] == server.uri.replace("http://", "http://***@")
-    assert "tracking.uri" in run.data.params and len(run.data.params) > 50  # the config was logged
+    assert run.data.params["tracking.uri"] == server.uri and len(run.data.params) > 50  # the config was logged
     # Every file the run and the server wrote: the run folder, the server's database and artifact store.
     files = [p for root in (result.run_dir, server.folder) for p in Path(root).rglob("*") if p.is_file()]
     assert any(p.name == "model.safetensors" for p in files) and any(p.name == "config.yaml" for p in files)
     for name, text in texts.items():
-        for secret in (*SECRETS.values(), URI_PASSWORD):
+        for secret in SECRETS.values():
             assert secret not in text, (name, secret)
     for path in files:
         data = path.read_bytes()
-        for secret in (*SECRETS.values(), URI_PASSWORD):
+        for secret in SECRETS.values():
             assert secret.encode() not in data, (path, secret)
     assert os.environ["HF_TOKEN"] == SECRETS["HF_TOKEN"]  # they were there to leak
+
+
+def test_code_in_a_model_folder_runs_only_when_the_config_trusts_it(tmp_path):
+    """A model folder whose config.json points at its own Python (auto_map) is refused by default, and
+    that Python is never imported; model.trust_remote_code defaults to false."""
+    import json
+
+    from pipeline.errors import ModelLoadError
+    from pipeline.models.loading import load_causal_lm
+
+    marker = tmp_path / "pwned"
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "evil", "architectures": ["EvilModel"],
+        "auto_map": {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"}}))
+    (folder / "evil.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n")
+    with pytest.raises(ModelLoadError, match="trust_remote_code"):
+        load_causal_lm(str(folder))
+    assert not marker.exists()
+    assert load_config(TINY_CONFIG).model.trust_remote_code is False

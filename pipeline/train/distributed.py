@@ -31,7 +31,7 @@ from pipeline.reference.cache import ChunkPlan, ReferenceCache, usable_cache
 from pipeline.reference.scorer import stats_kind
 from pipeline.tracking import check_store, clear_undelivered, flatten, open_tracker, raise_undelivered
 from pipeline.train.batches import PairBatches
-from pipeline.train.checkpoints import check_space, out_of_space
+from pipeline.train.checkpoints import check_space, merge_ledgers, out_of_space
 from pipeline.train.local import TrainResult, prepare_data, run_name, steady_median
 
 log = logging.getLogger(__name__)
@@ -253,8 +253,6 @@ def _fit(cfg: RunConfig, pairs: list, tokenizer: Any, storage: Path, run_folder:
     finally:
         if group is not None:
             group.shutdown()
-    from pipeline.train.checkpoints import merge_ledgers
-
     ledger = merge_ledgers(run_folder, d.num_workers)
     result = TrainResult(run_dir=run_folder, history=_read_history(run_folder / "metrics.jsonl"),
                          evaluations=_read_history(run_folder / "eval.jsonl"))

@@ -264,6 +264,12 @@ class StageTrainConfig(_Strict):
     cpus_per_worker: float = Field(1.0, gt=0)
     use_gpu: bool = False
 
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> StageTrainConfig:
+        if self.warmup_steps > self.max_steps:  # the schedule would never reach its peak learning rate
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) exceeds max_steps ({self.max_steps})")
+        return self
+
 
 class SFTConfig(StageTrainConfig):
     """jobs.sft: next-token loss on responses (prompt/completion or prompt/chosen rows: the prompt is masked)

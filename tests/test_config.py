@@ -37,6 +37,8 @@ def test_overrides_are_typed():
         ("data.max_prompt_length=200", "data: Value error, max_prompt_length (200) must be smaller than max_length (160)"),
         ("data.on_invalid=ignore", "data.on_invalid: Input should be 'error' or 'skip'"),
         ("train.warmup_steps=10", "train: Value error, warmup_steps (10) exceeds max_steps (4)"),
+        ("sft.warmup_steps=51", "sft: Value error, warmup_steps (51) exceeds max_steps (50)"),
+        ("reward_model.warmup_steps=51", "reward_model: Value error, warmup_steps (51) exceeds max_steps (50)"),
         ("loss.betta=0.1", "loss.betta: unknown key"),
         ("trainer.steps=3", "trainer: unknown key"),
         ("output.run_name=../escape", "output.run_name: String should match pattern"),

@@ -10,6 +10,7 @@ nowhere else.
 
 from __future__ import annotations
 
+import re
 import reprlib
 from pathlib import Path
 from typing import Any, Literal
@@ -28,6 +29,10 @@ MAX_SEED = 2**32 - 1
 # YAML aliases let a few lines stand for a huge tree (a "billion laughs") or one that contains itself;
 # copying, validating or saving such a tree would hang, so a config is refused past this many values.
 MAX_CONFIG_VALUES = 100_000
+# Where tracking credentials belong: a URI's user:password@ would be written into run folders, sweep
+# state and logs.
+CREDENTIALS_ADVICE = ("give them as $MLFLOW_TRACKING_USERNAME and $MLFLOW_TRACKING_PASSWORD (or "
+                      "$MLFLOW_TRACKING_TOKEN) in the environment of every process that logs")
 
 
 class _Strict(BaseModel):
@@ -140,8 +145,7 @@ class TrackingConfig(_Strict):
     def _no_credentials(cls, uri: str | None) -> str | None:
         if uri is not None and hide_uri_credentials(uri) != uri:
             raise ValueError("carries credentials (user:password@), which would be written into run folders, "
-                             "sweep state and logs; give them as $MLFLOW_TRACKING_USERNAME and "
-                             "$MLFLOW_TRACKING_PASSWORD (or $MLFLOW_TRACKING_TOKEN) instead")
+                             f"sweep state and logs; {CREDENTIALS_ADVICE}")
         return uri
 
 
@@ -508,6 +512,4 @@ def save_config(cfg: RunConfig, run_dir: str | Path) -> Path:
 def hide_uri_credentials(text: str) -> str:
     """``scheme://user:pass@host`` -> ``scheme://***@host``, anywhere in ``text``; up to the last ``@``
     before whitespace or a quote, so a password holding ``@`` or ``/`` is hidden whole."""
-    import re
-
     return re.sub(r"(://)[^\s'\"]*@", r"\1***@", text)

@@ -30,7 +30,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import RunConfig, hide_uri_credentials
+from pipeline.config import CREDENTIALS_ADVICE, RunConfig, hide_uri_credentials
 from pipeline.errors import PipelineError
 
 SECRET_KEY = re.compile(r"token|secret|password|passwd|api[_-]?key|credential|auth", re.IGNORECASE)
@@ -41,10 +41,6 @@ log = logging.getLogger(__name__)
 
 class TrackingError(PipelineError):
     """The tracking store cannot be reached or written."""
-
-
-CREDENTIALS_ADVICE = ("give them as $MLFLOW_TRACKING_USERNAME and $MLFLOW_TRACKING_PASSWORD (or "
-                      "$MLFLOW_TRACKING_TOKEN) in the environment of every process that logs")
 
 
 def tracking_uri(cfg: RunConfig) -> str:
@@ -94,7 +90,6 @@ class Outbox:
         self.client, self.run_id = client, run_id
         self.retry_s, self.max_retry_s = retry_s, max_retry_s
         self.pending: deque[tuple[int, list[Any]]] = deque()  # (step, metrics)
-        self.delivered = 0
         self.failures = 0  # failed delivery attempts so far
         self.failing = False  # the last attempt failed
         self.last_error: str | None = None
@@ -133,7 +128,7 @@ class Outbox:
             try:
                 self.client.log_batch(self.run_id, metrics=metrics)
             except Exception as e:  # noqa: BLE001 - anything the store says is retried or reported at close
-                self.last_error = _safe(f"{type(e).__name__}: {e}")
+                self.last_error = _describe(e)
                 if _refused_for_good(e):
                     log.error("MLflow refused the metrics of step %d: %s", step, self.last_error[:300])
                     self._done(refused=step)
@@ -153,9 +148,7 @@ class Outbox:
         with self._wake:
             self.pending.popleft()
             self.failing = False
-            if refused is None:
-                self.delivered += 1
-            else:
+            if refused is not None:
                 self.refused.append(refused)
             self._wake.notify_all()
 
@@ -212,7 +205,7 @@ class Tracker:
                 self.client.log_artifact(self.run_id, str(path), artifact_path)
         except Exception as e:  # noqa: BLE001 - the store's error, said with the URI's credentials hidden
             raise TrackingError(f"MLflow at {_safe(self.uri)} did not take the artifact {path}: "
-                                f"{_safe(f'{type(e).__name__}: {e}')[:500]}") from None
+                                f"{_describe(e)[:500]}") from None
 
     def flush(self, timeout: float | None = None) -> None:
         """Deliver every queued metric, waiting up to ``flush_timeout_s``; a TrackingError says what the
@@ -254,11 +247,12 @@ class Tracker:
     def _terminate(self, status: str) -> None:
         run_id, self.run_id = self.run_id, None
         try:
-            check_server(self.uri) if self.uri.startswith(("http://", "https://")) else None
+            if self.uri.startswith(("http://", "https://")):
+                check_server(self.uri)
             self.client.set_terminated(run_id, status)
         except Exception as e:  # noqa: BLE001
             raise TrackingError(f"MLflow run {run_id} at {_safe(self.uri)} could not be marked {status} "
-                                f"(it stays RUNNING there): {_safe(f'{type(e).__name__}: {e}')}") from None
+                                f"(it stays RUNNING there): {_describe(e)}") from None
 
     def __enter__(self) -> Tracker:
         return self
@@ -294,7 +288,7 @@ def open_tracker(cfg: RunConfig, run_name: str, *, rank: int = 0, tags: dict[str
             client.update_run(run_id, status="RUNNING")
         except Exception as e:
             raise TrackingError(f"MLflow run {run_id} at {_safe(uri)} cannot be reopened: "
-                                f"{_safe(f'{type(e).__name__}: {e}')}") from None
+                                f"{_describe(e)}") from None
         return Tracker(client, run_id, uri, flush_timeout_s=timeout)
     try:
         experiment = client.get_experiment_by_name(cfg.tracking.experiment)
@@ -305,7 +299,7 @@ def open_tracker(cfg: RunConfig, run_name: str, *, rank: int = 0, tags: dict[str
         run = client.create_run(experiment_id, run_name=run_name, tags={**cfg.tracking.tags, **(tags or {})})
     except Exception as e:  # connection refused, bad URI, read-only store: all fatal here, before training
         raise TrackingError(f"MLflow tracking store at {_safe(uri)} cannot be used: "
-                            f"{_safe(f'{type(e).__name__}: {e}')}") from None
+                            f"{_describe(e)}") from None
     return Tracker(client, run.info.run_id, uri, flush_timeout_s=timeout)
 
 
@@ -399,7 +393,7 @@ def check_server(uri: str, timeout: float = 5.0) -> None:
         response = requests.get(uri.rstrip("/") + "/health", timeout=timeout)
     except requests.RequestException as e:
         raise TrackingError(f"MLflow tracking server {_safe(uri)} is unreachable: "
-                            f"{_safe(f'{type(e).__name__}: {e}')}") from None
+                            f"{_describe(e)}") from None
     if response.status_code != 200:
         raise TrackingError(f"MLflow tracking server {_safe(uri)} answered /health with HTTP {response.status_code}")
 
@@ -418,3 +412,8 @@ def _artifact_root(uri: str) -> str | None:
 def _safe(text: str) -> str:
     """Hide credentials embedded in a URI (scheme://user:pass@host)."""
     return hide_uri_credentials(text)
+
+
+def _describe(error: BaseException) -> str:
+    """``Type: message`` of a store's error, credentials hidden (MLflow's messages carry the request URL)."""
+    return _safe(f"{type(error).__name__}: {error}")

@@ -140,21 +140,20 @@ def save(engine: Any, rank: int, world: int, step: int, position: list[int], led
         write_manifest(folder, rank, step, world)
     except (OSError, RuntimeError) as e:
         shutil.rmtree(folder, ignore_errors=True)
-        clear = out_of_space(e, folder.parent, f"the checkpoint of step {step}")
-        if clear is e:
-            raise
-        raise clear from e
+        if (full := out_of_space(e, folder.parent, f"the checkpoint of step {step}")) is not None:
+            raise full from e
+        raise
     return folder
 
 
-def out_of_space(error: BaseException, where: Path | str, what: str) -> BaseException:
+def out_of_space(error: BaseException, where: Path | str, what: str) -> CheckpointError | None:
     """A clear CheckpointError when ``error`` is a full disk (torch reports it as a RuntimeError), else
-    ``error`` itself."""
+    None."""
     text = str(error)
     full = (isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)) or "No space left" in text \
         or "file write failed" in text
     if not full:
-        return error
+        return None
     try:
         free = f"{shutil.disk_usage(where).free / 2**20:.1f} MiB free"
     except OSError:

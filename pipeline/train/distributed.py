@@ -249,7 +249,7 @@ def _fit(cfg: RunConfig, pairs: list, tokenizer: Any, storage: Path, run_folder:
         restarts = group.restarts() if group is not None else 0
     except Exception as e:
         full = out_of_space(e, storage, "checkpoints")  # Ray Train's controller writes there too
-        raise TrainingFailed(f"training failed: {full if full is not e else f'{type(e).__name__}: {e}'}") from e
+        raise TrainingFailed(f"training failed: {full or f'{type(e).__name__}: {e}'}") from e
     finally:
         if group is not None:
             group.shutdown()

@@ -247,7 +247,7 @@ def train_loop(config: dict[str, Any]) -> None:
         point = {}
         if evaluator is not None and evaluator.due(done, cfg.train.max_steps):
             point = _evaluate(evaluator, engine, feed, cfg, rank, world, done, bar, evals, tracker)
-        _report(engine, cfg, rank, done, next_position(batches, position), ledger, {**metrics, **point},
+        _report(engine, cfg, rank, world, done, next_position(batches, position), ledger, {**metrics, **point},
                 config.get("report_steps", False))
         if bar is not None:
             bar.set_description(f"{cfg.loss.name} loss {metrics['loss']:.4f}")
@@ -316,23 +316,21 @@ def _reduce(sums: dict[str, torch.Tensor], pairs: int, tokens: int, dist: Any) -
     return out
 
 
-def _report(engine: Any, cfg: RunConfig, rank: int, step: int, position: BatchPosition, ledger: list[int],
-            metrics: dict[str, float], every_log_step: bool) -> None:
+def _report(engine: Any, cfg: RunConfig, rank: int, world: int, step: int, position: BatchPosition,
+            ledger: list[int], metrics: dict[str, float], every_log_step: bool) -> None:
     """Checkpoints and evaluation points always go to Ray Train; the other logged steps only when
     something reads them (a sweep trial's Tune callback): each report waits for the controller's poll."""
     import ray.train
 
     every = cfg.distributed.checkpoint_every
     if step == cfg.train.max_steps or (every is not None and step % every == 0):
-        world = ray.train.get_context().get_world_size()
         folder = checkpoints.save(engine, rank, world, step, [position.epoch, position.batch], ledger)
         try:  # a synchronous report copies the folder to the run storage
             ray.train.report({"step": step, **metrics}, checkpoint=ray.train.Checkpoint.from_directory(str(folder)))
         except (OSError, RuntimeError) as e:
-            clear = checkpoints.out_of_space(e, _storage(cfg), f"the checkpoint of step {step}")
-            if clear is e:
-                raise
-            raise clear from e
+            if (full := checkpoints.out_of_space(e, _storage(cfg), f"the checkpoint of step {step}")) is not None:
+                raise full from e
+            raise
         finally:
             shutil.rmtree(folder, ignore_errors=True)
     elif "eval/reward" in metrics or (every_log_step and step % cfg.train.log_every == 0):

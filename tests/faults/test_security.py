@@ -1,16 +1,19 @@
 """Who can reach what, and what a run writes down.
 
 * The servers the project opens (Ray's dashboard and job API, the MLflow server) listen on loopback
-  only; Ray's own gRPC servers, which Ray 2.60 binds to every interface whatever --node-ip-address
-  says, all require the cluster's token (docs/reliability.md).
+  only. Ray 2.60 binds its own servers to every interface whatever --node-ip-address says: its gRPC
+  servers require the cluster's token; its two Prometheus metrics servers (dashboard and autoscaler)
+  answer anyone, with metrics only (docs/reliability.md, known limits).
 * No secret from the environment or from a credentialed URI reaches MLflow params, tags, metrics,
   artifacts or logs, nor the run's own files.
 """
 
 from __future__ import annotations
 
+import http.client
 import logging
 import os
+import urllib.request
 import subprocess
 import sys
 from pathlib import Path
@@ -54,7 +57,22 @@ RAY_PROGRAMS = ("/ray/core/src/ray/gcs/gcs_server", "/ray/core/src/ray/raylet/ra
                 "ray.util.client.server", "ray/_private/log_monitor.py", "ray/_private/runtime_env/agent")
 
 
+def http_answer(address: str, port: int) -> str | None:
+    """The start of what an HTTP GET /metrics without any credentials gets back, or None when the
+    server does not speak plain HTTP to a stranger (Ray's gRPC servers)."""
+    host = "127.0.0.1" if address in ("0.0.0.0", "::") else address.removeprefix("::ffff:")
+    host = f"[{host}]" if ":" in host else host
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5) as reply:
+            return reply.read(4096).decode("utf-8", "replace")
+    except (OSError, http.client.HTTPException):
+        return None
+
+
 def test_the_servers_we_open_listen_on_loopback_and_ray_s_own_are_all_ray(ray_cluster):
+    from ray.autoscaler._private.constants import AUTOSCALER_METRIC_PORT
+    from ray.dashboard.consts import DASHBOARD_METRIC_PORT
+
     procs = cluster_processes(ray_cluster)
     bound = listeners(set(procs))
     addresses = {port: {a for pid, items in bound.items() for a, p in items if p == port}
@@ -64,11 +82,20 @@ def test_the_servers_we_open_listen_on_loopback_and_ray_s_own_are_all_ray(ray_cl
         assert where and where <= LOOPBACK, (port, where)
     mlflow_pids = {pid for pid, cmd in procs.items() if "mlflow" in cmd}
     assert mlflow_pids and all(a in LOOPBACK for pid in mlflow_pids for a, _ in bound.get(pid, ()))
-    # Every other listener is one of Ray's own servers (gRPC, agents), token-checked.
-    exposed = {(pid, procs[pid][:100], a, p) for pid, items in bound.items() for a, p in items if a not in LOOPBACK}
-    print("Ray's servers on other interfaces:", len(exposed))
-    strangers = [e for e in exposed if not any(program in e[1] for program in RAY_PROGRAMS)]
+    # Every other listener is one of Ray's own programs (matched on the whole command line).
+    exposed = {(pid, a, p) for pid, items in bound.items() for a, p in items if a not in LOOPBACK}
+    print(f"Ray's servers on other interfaces: {len(exposed)}")
+    strangers = [(pid, procs[pid][:300], a, p) for pid, a, p in exposed
+                 if not any(program in procs[pid] for program in RAY_PROGRAMS)]
     assert not strangers, strangers
+    # Of those, the ones that answer a request without the token are Ray's two Prometheus servers, and
+    # they serve metrics, nothing else (the rest are gRPC and refuse a tokenless client: next test).
+    open_to_all = {p: http_answer(a, p) for _, a, p in exposed}
+    open_to_all = {p: answer for p, answer in open_to_all.items() if answer is not None}
+    print(f"answering without the token: {sorted(open_to_all)}")
+    assert set(open_to_all) <= {DASHBOARD_METRIC_PORT, AUTOSCALER_METRIC_PORT}, sorted(open_to_all)
+    for port, answer in open_to_all.items():
+        assert answer.startswith("# HELP "), (port, answer[:200])
 
 
 def test_ray_refuses_a_driver_without_the_token(ray_cluster, tmp_path):

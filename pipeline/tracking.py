@@ -218,9 +218,10 @@ class Tracker:
         if undelivered:
             steps = sorted({step for step, _ in undelivered})
             raise TrackingError(
-                f"MLflow at {_safe(self.uri)} did not take the metrics of {len(steps)} step(s) "
+                f"MLflow at {_safe(self.uri)} did not confirm the metrics of {len(steps)} step(s) "
                 f"({steps[0]}-{steps[-1]}) within tracking.flush_timeout_s={self.flush_timeout_s:g} s, after "
                 f"{outbox.failures} failed attempt(s); last error: {(outbox.last_error or '?')[:300]}. "
+                f"(Step {steps[0]} may have been stored if the connection broke before the reply.) "
                 "Training itself finished: every metric is in the run's metrics.jsonl")
         if outbox.refused:
             raise TrackingError(

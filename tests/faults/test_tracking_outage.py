@@ -72,7 +72,7 @@ def test_a_server_that_never_returns_is_reported_with_what_it_missed(tmp_path, s
             server.stop()
 
     cfg = outage_config(tmp_path, server, flush_timeout=3)
-    with pytest.raises(TrackingError, match=rf"{server.uri}.*did not take the metrics of \d step\(s\) \(\d-{STEPS}\)"
+    with pytest.raises(TrackingError, match=rf"{server.uri}.*did not confirm the metrics of \d step\(s\) \(\d-{STEPS}\)"
                                             r".*flush_timeout_s=3 .*metrics\.jsonl") as failure:
         train_local(cfg, progress=False, on_step=on_step)
     first_missing = int(re.search(rf"\((\d)-{STEPS}\)", str(failure.value)).group(1))
@@ -83,8 +83,10 @@ def test_a_server_that_never_returns_is_reported_with_what_it_missed(tmp_path, s
     server.start()
     status, steps = logged_steps(server.uri)
     # What reached it before it died (on a loaded machine the outbox may still have been at step 1 or
-    # 2) is exactly what the error did not list.
-    assert first_missing <= 4 and steps == list(range(1, first_missing))
+    # 2) is what the error did not list, plus at most the first step listed: a server killed while
+    # storing a batch may commit it and never reply (seen in CI: step 1 stored, reported unconfirmed).
+    assert first_missing <= 4
+    assert steps in (list(range(1, first_missing)), list(range(1, first_missing + 1))), (first_missing, steps)
     assert status == "RUNNING"  # not marked FINISHED: it did not get the whole run
 
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 import http.client
 import logging
 import os
-import urllib.request
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import psutil

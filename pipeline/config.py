@@ -217,7 +217,7 @@ class RewardConfig(_Strict):
     source: str = Field("vader", min_length=1)
     label: str | None = Field(None, description="classifier label whose log-odds is the reward, e.g. POSITIVE")
     batch_size: int = Field(32, ge=1)
-    max_length: int = Field(512, ge=2)
+    max_length: int = Field(512, ge=2, le=1_000_000, description="tokens of prompt + completion the model reads")
     trust_remote_code: bool = False
 
 
@@ -262,7 +262,7 @@ class StageTrainConfig(_Strict):
     batch_size: int = Field(8, ge=1, description="examples per worker per step")
     max_steps: int = Field(50, ge=1)
     warmup_steps: int = Field(0, ge=0)
-    max_length: int = Field(256, ge=2)
+    max_length: int = Field(256, ge=2, le=1_000_000, description="tokens per example")
     seed: int = Field(0, ge=0, le=MAX_SEED)
     num_workers: int = Field(1, ge=1)
     cpus_per_worker: float = Field(1.0, gt=0)

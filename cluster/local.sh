@@ -69,10 +69,12 @@ start() {
     --ray-client-server-port="$CLIENT_PORT" --dashboard-agent-listen-port="$(free_port)" --temp-dir="$STATE_DIR/ray" --disable-usage-stats \
     >"$STATE_DIR/logs/head.log" 2>&1 || { cat "$STATE_DIR/logs/head.log" >&2; die "the head did not start"; }
 
-  # Each node on one machine needs its own agent port (Ray's default, 52365, is fixed).
+  # Each node on one machine needs its own agent port (Ray's default, 52365, is fixed). The nodes
+  # share one session folder, so the head's log monitor already forwards this node's logs: a second
+  # monitor would send every line (and every progress-bar update) to the driver twice.
   echo "Ray worker node with $WORKER_CPUS CPUs"
   ray start --address="$BIND:$RAY_PORT" --node-ip-address="$BIND" --num-cpus="$WORKER_CPUS" \
-    --dashboard-agent-listen-port="$(free_port)" --disable-usage-stats \
+    --dashboard-agent-listen-port="$(free_port)" --include-log-monitor=false --disable-usage-stats \
     >"$STATE_DIR/logs/worker.log" 2>&1 || { cat "$STATE_DIR/logs/worker.log" >&2; die "the worker did not start"; }
 
   if [[ "$MLFLOW_PORT" != 0 ]]; then

@@ -227,6 +227,10 @@ def _fit(cfg: RunConfig, pairs: list, tokenizer: Any, storage: Path, run_folder:
     # Ray Train's controller takes a worker's report (and notices failures and the end) when it polls,
     # every 2 s by default; a worker reporting faster waits. Polled every 0.5 s unless the user set it.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    # Ray Train's print patch sends each of tqdm_ray's state lines to stdout *and* to its logger
+    # (stderr): the driver then sees a bar's closing state twice and re-creates the bar it had just
+    # closed, which stays drawn for the rest of the driver's life. Off unless the user set it.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     trainer = TorchTrainer(
         train_loop_per_worker=_train_loop,
         train_loop_config={"cfg": cfg_tree, "pairs": ray.put(pairs), "pad_token_id": tokenizer.pad_token_id,

@@ -2,8 +2,9 @@
 
 * The servers the project opens (Ray's dashboard and job API, the MLflow server) listen on loopback
   only. Ray 2.60 binds its own servers to every interface whatever --node-ip-address says: its gRPC
-  servers require the cluster's token; its two Prometheus metrics servers (dashboard and autoscaler)
-  answer anyone, with metrics only (docs/reliability.md, known limits).
+  servers require the cluster's token; its Prometheus metrics servers (the dashboard's, the
+  autoscaler's, each node's exporter) answer anyone, with metrics only (docs/reliability.md, known
+  limits).
 * No secret from the environment or from a credentialed URI reaches MLflow params, tags, metrics,
   artifacts or logs, nor the run's own files.
 """
@@ -15,11 +16,13 @@ import logging
 import os
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from pathlib import Path
 
 import psutil
 import pytest
+import ray
 
 from pipeline.config import load_config
 from pipeline.train.local import train_local
@@ -39,7 +42,9 @@ def listeners(pids: set[int]) -> dict[int, set[tuple[str, int]]]:
 
 
 def cluster_processes(cluster) -> dict[int, str]:
-    """Every process the cluster script started (by their state dir or session), with its command line."""
+    """Every process of the cluster, with its command line: those whose command line names its state
+    folder or whose environment names its token, and all their descendants (the agents and workers,
+    whose titles Ray rewrites to 'ray::...', which can also hide their environment)."""
     procs = {}
     for p in psutil.process_iter(["pid", "cmdline", "environ"]):
         try:
@@ -49,6 +54,12 @@ def cluster_processes(cluster) -> dict[int, str]:
             continue
         if str(cluster.base) in cmd or env.get("RAY_AUTH_TOKEN_PATH") == str(cluster.token_path):
             procs[p.info["pid"]] = cmd
+    for pid in list(procs):
+        try:
+            for child in psutil.Process(pid).children(recursive=True):
+                procs.setdefault(child.pid, " ".join(child.cmdline()))
+        except psutil.Error:
+            continue
     return procs
 
 
@@ -57,14 +68,17 @@ RAY_PROGRAMS = ("/ray/core/src/ray/gcs/gcs_server", "/ray/core/src/ray/raylet/ra
                 "ray.util.client.server", "ray/_private/log_monitor.py", "ray/_private/runtime_env/agent")
 
 
-def http_answer(address: str, port: int) -> str | None:
-    """The start of what an HTTP GET /metrics without any credentials gets back, or None when the
-    server does not speak plain HTTP to a stranger (Ray's gRPC servers)."""
-    host = "127.0.0.1" if address in ("0.0.0.0", "::") else address.removeprefix("::ffff:")
+def http_answer(address: str, port: int) -> tuple[int, str] | None:
+    """(status, start of the body) of an HTTP GET /metrics sent without any credentials, straight
+    (no proxy); None when the server does not speak plain HTTP to a stranger (Ray's gRPC servers)."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(address, address.removeprefix("::ffff:"))
     host = f"[{host}]" if ":" in host else host
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
-        with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5) as reply:
-            return reply.read(4096).decode("utf-8", "replace")
+        with opener.open(f"http://{host}:{port}/metrics", timeout=5) as reply:
+            return reply.status, reply.read(4096).decode("utf-8", "replace")
+    except urllib.error.HTTPError as e:
+        return e.code, e.read(4096).decode("utf-8", "replace")
     except (OSError, http.client.HTTPException):
         return None
 
@@ -88,14 +102,19 @@ def test_the_servers_we_open_listen_on_loopback_and_ray_s_own_are_all_ray(ray_cl
     strangers = [(pid, procs[pid][:300], a, p) for pid, a, p in exposed
                  if not any(program in procs[pid] for program in RAY_PROGRAMS)]
     assert not strangers, strangers
-    # Of those, the ones that answer a request without the token are Ray's two Prometheus servers, and
-    # they serve metrics, nothing else (the rest are gRPC and refuse a tokenless client: next test).
-    open_to_all = {p: http_answer(a, p) for _, a, p in exposed}
-    open_to_all = {p: answer for p, answer in open_to_all.items() if answer is not None}
-    print(f"answering without the token: {sorted(open_to_all)}")
-    assert set(open_to_all) <= {DASHBOARD_METRIC_PORT, AUTOSCALER_METRIC_PORT}, sorted(open_to_all)
-    for port, answer in open_to_all.items():
-        assert answer.startswith("# HELP "), (port, answer[:200])
+    # Of those, the ones that take a request without the token (anything but 401/403) are Ray's
+    # Prometheus servers (the dashboard's, the autoscaler's, each node's exporter), and they serve
+    # metrics, nothing else. The rest are gRPC and refuse a tokenless client (next test).
+    metrics_ports = {DASHBOARD_METRIC_PORT, AUTOSCALER_METRIC_PORT} | {
+        node["MetricsExportPort"] for node in ray.nodes() if node["Alive"]}
+    answers = {(a, p): http_answer(a, p) for _, a, p in exposed}
+    open_to_all = {key: answer for key, answer in answers.items() if answer and answer[0] not in (401, 403)}
+    print(f"taking requests without the token: {sorted(open_to_all)}; metrics ports: {sorted(metrics_ports)}")
+    assert {p for _, p in open_to_all} <= metrics_ports, sorted(open_to_all)
+    for key, (status, text) in open_to_all.items():
+        assert status == 200 and text.startswith("# "), (key, status, text[:200])
+    # The probe reaches what it should: the dashboard's metrics server, where it is exposed, answered.
+    assert all(key in open_to_all for key in answers if key[1] == DASHBOARD_METRIC_PORT)
 
 
 def test_ray_refuses_a_driver_without_the_token(ray_cluster, tmp_path):

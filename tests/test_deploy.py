@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from packaging.utils import canonicalize_name
 
 from tests.conftest import REPO
 
@@ -77,13 +78,18 @@ def test_the_dockerfile_builds_cpu_and_cuda_variants_as_a_non_root_user():
 
 
 def pins() -> dict[str, str]:
-    lines = (REPO / "docker" / "constraints.txt").read_text().splitlines()
+    lines = (REPO / "constraints.txt").read_text().splitlines()
     return dict(line.split("==") for line in lines if line and not line.startswith("#"))
 
 
 def test_the_image_installs_the_versions_the_tests_run_with():
-    for name, version in pins().items():
-        assert importlib.metadata.version(name).split("+")[0] == version, name
+    """The lock pins every package the tests run with, at the version installed: the Makefile and the
+    image install from it, so an upstream release cannot change either behind the tests."""
+    lock = {canonicalize_name(name): version for name, version in pins().items()}
+    installed = {canonicalize_name(d.metadata["Name"]): d.version for d in importlib.metadata.distributions()}
+    installed.pop("rayprefopt", None)
+    assert {n: v.split("+")[0] for n, v in installed.items() if lock.get(n) != v.split("+")[0]} == {}
+    assert sorted(set(lock) - set(installed)) == []
     text = DOCKERFILE.read_text()
     assert f"ARG RAY_VERSION={pins()['ray']}" in text
     assert f"ARG TORCH_VERSION={pins()['torch']}" in text

@@ -73,7 +73,7 @@ def run_bare(args: argparse.Namespace) -> dict[str, Any]:
     import torch.nn.functional as F
 
     from pipeline.data.tokenization import collate_pairs
-    from pipeline.train.local import load_models
+    from pipeline.train.setup import load_models
 
     cfg = config(args)
     tokenizer, pairs, batches = pairs_and_batches(cfg, args.steps)
@@ -115,7 +115,7 @@ def run_trl(args: argparse.Namespace, precompute: bool = False) -> dict[str, Any
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    from pipeline.train.local import load_models
+    from pipeline.train.setup import load_models
 
     cfg = config(args)
     tokenizer, pairs, batches = pairs_and_batches(cfg, args.steps)

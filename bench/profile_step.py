@@ -27,10 +27,10 @@ from pipeline.config import load_config
 from pipeline.data.dataset import load_preference_dataset
 from pipeline.data.tokenization import collate_pairs
 from pipeline.models.loading import load_tokenizer
+from pipeline.models.packing import pack_batch
 from pipeline.reference.scorer import ReferenceScorer, stats_kind
 from pipeline.train.batches import PairBatches
-from pipeline.train.local import load_models
-from pipeline.train.packing import pack_batch
+from pipeline.train.setup import load_models
 from pipeline.train.step import StepOptions, accumulate_gradients
 
 

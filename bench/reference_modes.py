@@ -28,10 +28,11 @@ from pipeline.config import load_config
 from pipeline.data.dataset import load_preference_dataset
 from pipeline.data.tokenization import collate_pairs
 from pipeline.losses import LossParams, compute_loss
+from pipeline.models.forward import response_logits
 from pipeline.models.loading import load_tokenizer
 from pipeline.reference.scorer import ReferenceScorer, batch_order
-from pipeline.train.local import load_models
-from pipeline.train.step import StepOptions, optimizer_step, policy_stats, response_logits
+from pipeline.train.setup import load_models
+from pipeline.train.step import StepOptions, optimizer_step, policy_stats
 
 KS = (16, 64, 256)
 

@@ -13,7 +13,8 @@ import json
 
 from jobs.cli import config_parser, run_job
 from pipeline.config import load_config
-from pipeline.train.local import summarize, train_local
+from pipeline.train.local import train_local
+from pipeline.train.setup import summarize
 
 
 def main() -> int:

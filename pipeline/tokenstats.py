@@ -94,12 +94,6 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return segment_sum(token_logps(pack(logits, index), index.targets), index)
 
 
-def sequence_kl(reference_logits: torch.Tensor, policy_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """SeqKL(ref || policy): KL summed over response positions: (B, T, V) x2, (B, T) -> (B,)."""
-    index = response_index(labels)
-    return segment_sum(position_kl(pack(reference_logits, index), pack(policy_logits, index)), index)
-
-
 @dataclass(frozen=True)
 class TopK:
     """A reference distribution compressed to its k most likely tokens plus one tail bucket.

@@ -13,10 +13,11 @@ from pipeline import tokenstats
 from pipeline.data.normalize import normalize_record
 from pipeline.data.tokenization import PairTokenizer, collate_pairs
 from pipeline.losses import LossParams
+from pipeline.models.forward import response_logits
 from pipeline.models.loading import load_causal_lm
+from pipeline.models.packing import pack_batch, packing_supported
 from pipeline.reference.scorer import ReferenceScorer
-from pipeline.train.packing import pack_batch, packing_supported
-from pipeline.train.step import StepOptions, accumulate_gradients, mean_metrics, response_logits
+from pipeline.train.step import StepOptions, accumulate_gradients, mean_metrics
 from tests.conftest import STANDARD_ROWS
 
 

@@ -18,7 +18,7 @@ from pipeline.data.tokenization import collate_pairs
 from pipeline.losses import LossParams
 from pipeline.models.loading import load_causal_lm, load_tokenizer
 from pipeline.reference.scorer import ReferenceScorer
-from pipeline.train.local import load_models
+from pipeline.train.setup import load_models
 from pipeline.train.step import StepOptions, optimizer_step
 
 pytestmark = pytest.mark.smollm

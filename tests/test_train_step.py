@@ -13,12 +13,13 @@ from pipeline import tokenstats
 from pipeline.config import load_config
 from pipeline.data.normalize import normalize_record
 from pipeline.data.tokenization import PairTokenizer, collate_pairs
-from pipeline.losses import LossParams, loss_from_logits
+from pipeline.losses import LossParams, PreferenceStats, loss_from_logits
+from pipeline.models.forward import response_logits
 from pipeline.models.loading import load_causal_lm
 from pipeline.reference.scorer import ReferenceScorer
 from pipeline.train.batches import BatchPosition, PairBatches
 from pipeline.train.local import train_local
-from pipeline.train.step import StepOptions, batch_stats, optimizer_step, response_logits
+from pipeline.train.step import StepOptions, optimizer_step, policy_stats
 from tests.conftest import STANDARD_ROWS, TINY_CONFIG, run_module
 
 
@@ -37,6 +38,22 @@ def with_reference(reference, batches):
 def models(dtype="float64"):
     policy = load_causal_lm("builtin:tiny", dtype=dtype)
     return policy, copy.deepcopy(policy).eval().requires_grad_(False)
+
+
+
+def batch_stats(
+    policy: torch.nn.Module,
+    reference: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    token_level: bool,
+    log_kl: bool = True,
+) -> PreferenceStats:
+    """Policy (with gradient) and live reference (exact, float32) statistics of one collated batch: the
+    step's statistics assembled by hand, to check them against the loss computed from full logits."""
+    index = tokenstats.response_index(batch["labels"])
+    kind = "exact" if token_level or log_kl else "sequence"
+    return policy_stats(response_logits(policy, batch, index.mask), index,
+                        ReferenceScorer(reference, kind).score(batch), token_level, log_kl)
 
 
 def test_packed_head_equals_full_logits(pairs, tiny_tokenizer):

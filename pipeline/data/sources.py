@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.data.builtin import builtin_records
 from pipeline.errors import DataError
 
 LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
@@ -53,8 +54,6 @@ def read_records(source: str, split: str = "train", limit: int | None = None) ->
 
 def _dispatch(source: str, split: str) -> Iterator[tuple[int, Record]]:
     if source.startswith(BUILTIN_PREFIX):
-        from pipeline.data.builtin import builtin_records
-
         return enumerate(builtin_records(source[len(BUILTIN_PREFIX) :]), start=1)
     if looks_like_path(source):
         path = Path(source).expanduser()

@@ -15,7 +15,12 @@ from typing import Any
 import torch
 
 from pipeline.config import EvalConfig, RunConfig
+from pipeline.eval.generation import encode_prompts
 from pipeline.eval.metrics import EvalPoint, ReferenceLogps, SampleScores, sample_and_score, shard, summarize
+from pipeline.eval.prompts import load_prompts
+from pipeline.eval.rewards import check_reward, load_reward
+from pipeline.reference.group import EVALUATION_GROUP
+from pipeline.reference.scorer import ReferenceScorer
 
 
 @dataclass
@@ -33,23 +38,17 @@ class Evaluator:
 
     def reward(self) -> Any:
         if self._reward is None:
-            from pipeline.eval.rewards import load_reward
-
             self._reward = load_reward(self.cfg.reward, "cuda" if torch.cuda.is_available() else "cpu")
         return self._reward
 
     def reference_logps(self, rank: int, local: torch.nn.Module | None = None) -> ReferenceLogps:
         """Summed reference log-probs of a batch's labelled tokens: from actor ``rank % n``, or ``local``."""
         if local is not None:
-            from pipeline.reference.scorer import ReferenceScorer
-
             scorer = ReferenceScorer(local, "sequence")
             return lambda batch: scorer.score(batch).logps
         if not self.reference_actors:
             raise RuntimeError("evaluation needs the reference: no actor handle and no colocated model")
         import ray
-
-        from pipeline.reference.group import EVALUATION_GROUP
 
         method = self.reference_actors[rank % len(self.reference_actors)].score_sequences
         return lambda batch: ray.get(method.options(concurrency_group=EVALUATION_GROUP).remote(batch))
@@ -72,9 +71,6 @@ class Evaluator:
 
 def build_evaluator(cfg: RunConfig, tokenizer: Any, reference_actors: Sequence[Any] = ()) -> Evaluator:
     """Load and tokenize the prompts and check the reward source: cheap, before any training."""
-    from pipeline.eval.generation import encode_prompts
-    from pipeline.eval.prompts import load_prompts
-    from pipeline.eval.rewards import check_reward
 
     e = cfg.eval
     check_reward(e.reward)

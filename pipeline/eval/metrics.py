@@ -22,7 +22,7 @@ from pipeline.config import EvalConfig
 from pipeline.data.tokenization import collate_sequences
 from pipeline.eval.generation import Samples, sample_batches
 from pipeline.eval.rewards import RewardSource, mean_std
-from pipeline.train.step import response_logits
+from pipeline.models.forward import response_logits
 
 ReferenceLogps = Callable[[dict[str, torch.Tensor]], torch.Tensor]
 

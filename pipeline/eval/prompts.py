@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.data.builtin import movie_prefixes
+from pipeline.data.normalize import normalize_record
+from pipeline.data.sources import Unparseable, read_records
 from pipeline.errors import DataError
 
 BUILTIN_PROMPTS = ("movie-prefixes",)
@@ -22,7 +25,6 @@ def load_prompts(source: str, split: str = "all", limit: int | None = None, word
         if name != "movie-prefixes":
             raise DataError(f"unknown builtin prompt set '{source}'; known: "
                             + ", ".join(f"builtin:{b}" for b in BUILTIN_PROMPTS))
-        from pipeline.data.builtin import movie_prefixes
 
         prompts = movie_prefixes(split)
     elif source.lower().endswith(".txt"):
@@ -43,9 +45,6 @@ def load_prompts(source: str, split: str = "all", limit: int | None = None, word
 
 
 def _prompt_field(source: str, split: str, limit: int | None, words: int | None) -> list[str]:
-    from pipeline.data.normalize import normalize_record
-    from pipeline.data.sources import Unparseable, read_records
-
     prompts = []
     for number, record in read_records(source, split, limit):
         if isinstance(record, Unparseable):

@@ -20,6 +20,7 @@ import torch
 
 from pipeline.config import RewardConfig
 from pipeline.errors import ConfigError, ModelLoadError
+from pipeline.models.loading import resolve
 
 
 class RewardSource(Protocol):
@@ -47,8 +48,6 @@ class ClassifierReward:
 
     def __init__(self, cfg: RewardConfig, device: str | torch.device = "cpu"):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        from pipeline.models.loading import resolve
 
         resolved = resolve(cfg.source)
         self.name = cfg.source
@@ -110,7 +109,6 @@ def check_reward(cfg: RewardConfig) -> None:
     if cfg.source == "vader":
         VaderReward()
         return
-    from pipeline.models.loading import resolve
 
     resolve(cfg.source)
 

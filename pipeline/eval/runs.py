@@ -14,19 +14,20 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+from pipeline.cluster import connect_ray
 from pipeline.config import RunConfig
 from pipeline.errors import PipelineError
+from pipeline.eval.evaluator import build_evaluator
 from pipeline.eval.metrics import EvalPoint
 from pipeline.eval.pareto import REFERENCE_METHOD, Point, reference_point, summarize, write_report
+from pipeline.models.loading import load_causal_lm, load_tokenizer, resolve
+from pipeline.tracking import experiment_client, flatten, open_tracker, tracking_uri
 
 
 class EvaluationActor:
     """Policy, reference and reward source in one Ray actor (a saved model's evaluation)."""
 
     def __init__(self, cfg: dict[str, Any], policy: str):
-        from pipeline.eval.evaluator import build_evaluator
-        from pipeline.models.loading import load_causal_lm, load_tokenizer
-
         run = RunConfig.model_validate(cfg)
         m = run.model
         load = dict(dtype=m.dtype, revision=m.revision, trust_remote_code=m.trust_remote_code)
@@ -47,10 +48,6 @@ def evaluate_model(cfg: RunConfig, policy: str, name: str, *, method: str = REFE
                    step: int = 0, tracker: Any = None) -> tuple[EvalPoint, str | None]:
     """Evaluate ``policy`` (a model spec) against cfg's reference on a Ray actor; log one MLflow run,
     or log the point into ``tracker``'s run (a sweep's parent run holds its reference point)."""
-    from pipeline.eval.evaluator import build_evaluator
-    from pipeline.models.loading import load_tokenizer, resolve
-    from pipeline.tracking import flatten, open_tracker
-    from pipeline.train.distributed import connect_ray
 
     m = cfg.model
     resolve(policy)  # a missing folder fails here, before Ray
@@ -107,7 +104,6 @@ def collect_points(client: Any, experiment_ids: Sequence[str], run_ids: Sequence
 
 def experiment_points(cfg: RunConfig, run_ids: Sequence[str] | None = None, filter_string: str = "") -> list[Point]:
     """:func:`collect_points` over the configured tracking store and experiment."""
-    from pipeline.tracking import experiment_client, tracking_uri
 
     client, experiment = experiment_client(cfg)
     if experiment is None:
@@ -119,7 +115,6 @@ def log_pareto(cfg: RunConfig, points: Sequence[Point], name: str | None = None,
                tracker: Any = None, folder: Path | None = None) -> dict[str, Any]:
     """Fronts, hypervolumes, plot and tables as artifacts (under ``pareto/``) and metrics
     ``pareto/hypervolume/<method>`` of ``tracker``'s run, or of a new run ``name``."""
-    from pipeline.tracking import open_tracker
 
     if not any(p.method != REFERENCE_METHOD for p in points):
         raise PipelineError("no evaluation points of trained policies to compare (runs need eval/kl and eval/reward)")

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from pipeline.errors import ModelLoadError
+from pipeline.models.tiny import save_tiny_model
 
 BUILTIN_PREFIX = "builtin:"
 SMOLLM2 = "smollm2-135m-instruct"
@@ -195,6 +196,4 @@ def convert_gguf(gguf: Path, out: Path) -> None:
 
 
 def _cached_tiny() -> Path:
-    from pipeline.models.tiny import save_tiny_model
-
     return _build_once(cache_dir() / "tiny-llama-v1", save_tiny_model)

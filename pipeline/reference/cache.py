@@ -31,6 +31,7 @@ from typing import Any
 
 from pipeline.config import RunConfig
 from pipeline.data.tokenization import TokenizedPair
+from pipeline.models.loading import resolve
 from pipeline.reference.stats import SequenceStats
 
 FORMAT_VERSION = 1
@@ -48,7 +49,6 @@ def weights_signature(location: str) -> list[list[Any]]:
 
 def cache_key(cfg: RunConfig, pairs: Sequence[TokenizedPair], kind: str) -> tuple[str, dict[str, Any]]:
     """(fingerprint, what it was computed from) for a run's reference statistics."""
-    from pipeline.models.loading import resolve
 
     model = resolve(cfg.model.reference_spec, cfg.model.revision)
     meta = {

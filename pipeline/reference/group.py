@@ -26,6 +26,7 @@ import torch
 
 from pipeline.config import RunConfig
 from pipeline.data.tokenization import TokenizedPair
+from pipeline.models.loading import load_causal_lm
 from pipeline.reference.cache import ChunkPlan, ReferenceCache
 from pipeline.reference.scorer import ReferenceScorer, batch_order
 from pipeline.reference.stats import SequenceStats
@@ -38,8 +39,6 @@ class ReferenceActor:
 
     def __init__(self, cfg: dict[str, Any], kind: str, pad_token_id: int, cache: ReferenceCache | None,
                  index: int, faults: dict[str, Any] | None = None):
-        from pipeline.models.loading import load_causal_lm
-
         run = RunConfig.model_validate(cfg)
         model = load_causal_lm(run.model.reference_spec, dtype=run.model.dtype, revision=run.model.revision,
                                trust_remote_code=run.model.trust_remote_code)

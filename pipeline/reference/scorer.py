@@ -13,10 +13,10 @@ import torch
 from pipeline import tokenstats
 from pipeline.config import RunConfig
 from pipeline.data.tokenization import TokenizedPair, collate_pairs
+from pipeline.models.forward import response_logits  # the policy's head-on-responses path
+from pipeline.models.packing import KEYS as PACKED_KEYS
+from pipeline.models.packing import pack_batch, packing_supported
 from pipeline.reference.stats import SequenceStats
-from pipeline.train.packing import KEYS as PACKED_KEYS
-from pipeline.train.packing import pack_batch, packing_supported
-from pipeline.train.step import response_logits  # the policy's head-on-responses path
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -34,7 +34,7 @@ class ReferenceScorer:
     kind:  "sequence", "exact" or "topk" (see :mod:`pipeline.reference.stats`)
     topk:  k for "topk"
     dtype: storage dtype of "exact" and "topk" log-probs; computed in at least float32 either way
-    packing: score padding-free when the model passes the packing check (pipeline.train.packing)
+    packing: score padding-free when the model passes the packing check (pipeline.models.packing)
     """
 
     def __init__(self, model: torch.nn.Module, kind: str, *, topk: int = 64, dtype: str = "float32",

@@ -16,8 +16,12 @@ from typing import Any
 
 import torch
 
+from pipeline.cluster import quiet_train_reports, ray_train_defaults, require_resources
 from pipeline.config import StageTrainConfig
 from pipeline.errors import PipelineError
+from pipeline.tracking import attach_tracker, clear_undelivered, flush_worker
+from pipeline.train.batches import PairBatches
+from pipeline.train.setup import warmup_schedule
 
 
 class StageFailed(PipelineError):
@@ -31,8 +35,6 @@ def fit_stage(name: str, loop: Callable[[dict[str, Any]], None], loop_config: di
     from ray.train import ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipeline.train.distributed import ray_train_defaults
-
     ray_train_defaults()
     trainer = TorchTrainer(
         train_loop_per_worker=loop, train_loop_config=loop_config,
@@ -41,7 +43,6 @@ def fit_stage(name: str, loop: Callable[[dict[str, Any]], None], loop_config: di
         torch_config=TorchConfig(backend="nccl" if stage.use_gpu else "gloo"),
         run_config=RayRunConfig(name=name, storage_path=str(storage)),
     )
-    from pipeline.tracking import clear_undelivered
 
     clear_undelivered(storage / name)  # not ours: an earlier run of this name left it
     try:
@@ -52,8 +53,6 @@ def fit_stage(name: str, loop: Callable[[dict[str, Any]], None], loop_config: di
 
 def check_cluster(stage: StageTrainConfig) -> None:
     """Refuse a stage the cluster can never hold (Ray would wait for resources forever)."""
-    from pipeline.train.distributed import require_resources
-
     require_resources([(stage.num_workers, {"CPU": stage.cpus_per_worker, "GPU": float(stage.use_gpu)})],
                       f"{stage.num_workers} worker(s) x {stage.cpus_per_worker:g} CPU (use_gpu={stage.use_gpu})")
 
@@ -66,24 +65,10 @@ def check_batches(num_examples: int, stage: StageTrainConfig, what: str) -> None
                             f"(batch_size {stage.batch_size} x num_workers {stage.num_workers} = {need})")
 
 
-def quiet_train_reports() -> None:
-    """Ray Train V2 logs every ``ray.train.report`` call (the whole metrics dict) at INFO from each
-    worker; progress bars and MLflow already carry those numbers. Its logger is named by file path."""
-    import logging
-
-    try:
-        from ray.train.v2._internal.execution import context
-    except ImportError:  # another Ray layout: leave its logging alone
-        return
-    logging.getLogger(context.__file__).setLevel(logging.WARNING)
-
-
 def prepare_worker(stage: StageTrainConfig, model: torch.nn.Module) -> tuple[int, int, Any, Any, Any]:
     """(rank, world size, the model under DDP, AdamW, the warm-up/decay schedule) in a Ray Train worker."""
     import ray.train
     import ray.train.torch
-
-    from pipeline.train.local import warmup_schedule
 
     context = ray.train.get_context()
     model = ray.train.torch.prepare_model(model)
@@ -108,7 +93,6 @@ def unwrap(model: Any) -> Any:
 
 def worker_batches(num_examples: int, stage: StageTrainConfig, rank: int, world: int) -> Iterator[list[int]]:
     """This worker's example indices of each global batch, forever (epochs reshuffled by seed)."""
-    from pipeline.train.batches import PairBatches
 
     b = stage.batch_size
     for _, indices in PairBatches(num_examples, b * world, stage.seed).iterate():
@@ -119,8 +103,6 @@ class StepLog:
     """Rank 0: metrics.jsonl, MLflow (attached to the driver's run) and a progress bar."""
 
     def __init__(self, config: dict[str, Any], rank: int, total: int, desc: str):
-        from pipeline.tracking import attach_tracker
-
         quiet_train_reports()
         self.rank = rank
         self.tracker = attach_tracker(config["tracking_uri"], config["run_id"], rank,
@@ -146,8 +128,6 @@ class StepLog:
             self.bar.update(1)
 
     def close(self) -> None:
-        from pipeline.tracking import flush_worker
-
         if self.file is not None:
             self.file.close()
             flush_worker(self.tracker, Path(self.file.name).parent)

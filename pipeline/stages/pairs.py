@@ -19,8 +19,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pipeline.cluster import connect_ray, storage_root
 from pipeline.config import RunConfig, save_config
+from pipeline.errors import DataError
+from pipeline.eval.generation import encode_prompts, sample
+from pipeline.eval.metrics import completion_rewards
+from pipeline.eval.prompts import load_prompts
+from pipeline.eval.rewards import check_reward, load_reward, mean_std
+from pipeline.models.loading import load_causal_lm, load_tokenizer
 from pipeline.stages.sft import StageResult
+from pipeline.tracking import flatten, open_tracker
 
 
 class PairGenerator:
@@ -28,9 +36,6 @@ class PairGenerator:
 
     def __init__(self, cfg: dict[str, Any]):
         import torch
-
-        from pipeline.eval.rewards import load_reward
-        from pipeline.models.loading import load_causal_lm, load_tokenizer
 
         run = RunConfig.model_validate(cfg)
         m = run.model
@@ -43,8 +48,6 @@ class PairGenerator:
 
     def generate(self, first: int, prompts: list[str], prompt_ids: list[list[int]]) -> list[dict[str, Any]]:
         """Every prompt's completions and rewards: [{"index", "prompt", "completions", "rewards"}, ...]."""
-        from pipeline.eval.generation import sample
-        from pipeline.eval.metrics import completion_rewards
 
         k = self.pairs.samples_per_prompt
         samples = sample(self.model, self.tokenizer, prompt_ids, self.pairs.generation, seed=self.pairs.seed,
@@ -74,14 +77,6 @@ def run_make_pairs(cfg: RunConfig, *, progress: bool = True) -> StageResult:
     """Validate prompts and reward source, then sample on Ray actors and write the pairs."""
     import ray
     from tqdm.auto import tqdm
-
-    from pipeline.errors import DataError
-    from pipeline.eval.generation import encode_prompts
-    from pipeline.eval.prompts import load_prompts
-    from pipeline.eval.rewards import check_reward, mean_std
-    from pipeline.models.loading import load_tokenizer
-    from pipeline.tracking import flatten, open_tracker
-    from pipeline.train.distributed import connect_ray, storage_root
 
     p, m = cfg.pairs, cfg.model
     name = cfg.output.run_name or f"make-pairs-{time.strftime('%Y%m%d-%H%M%S')}"

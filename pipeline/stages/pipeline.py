@@ -17,8 +17,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.cluster import connect_ray, storage_root
 from pipeline.config import RunConfig, apply_overrides, validate_config
 from pipeline.errors import ConfigError
+from pipeline.eval.evaluator import build_evaluator
+from pipeline.eval.rewards import check_reward
+from pipeline.eval.runs import evaluate_model, experiment_points, log_pareto
+from pipeline.models.loading import load_tokenizer
+from pipeline.stages.pairs import run_make_pairs
+from pipeline.tracking import attach_tracker, tracking_uri, ui_command
+from pipeline.train.distributed import train_distributed
+from pipeline.train.local import train_local
 
 
 @dataclass
@@ -54,15 +63,6 @@ def run_configs(cfg: RunConfig, pipeline_id: str, pairs_file: Path) -> list[RunC
 
 
 def run_pipeline(cfg: RunConfig, *, progress: bool = True) -> PipelineResult:
-    from pipeline.eval.evaluator import build_evaluator
-    from pipeline.eval.rewards import check_reward
-    from pipeline.eval.runs import evaluate_model, experiment_points, log_pareto
-    from pipeline.models.loading import load_tokenizer
-    from pipeline.stages.pairs import run_make_pairs
-    from pipeline.tracking import attach_tracker, tracking_uri
-    from pipeline.train.distributed import connect_ray, storage_root, train_distributed
-    from pipeline.train.local import train_local
-
     if not cfg.tracking.enabled:
         raise ConfigError("jobs.pipeline needs tracking.enabled=true: the fronts are built from the MLflow runs")
     started = time.perf_counter()
@@ -128,7 +128,6 @@ def summary_table(result: PipelineResult, uri: str, experiment: str) -> str:
     for s in result.pareto["summary"]:
         lines.append(f"  {s.method:<6} {s.hypervolume:.5f}   best reward {s.best_reward:.4f} at KL {s.kl_at_best:.4f}"
                      f"  ({s.front} of {s.points} points on the front)")
-    from pipeline.tracking import ui_command
 
     ui = ui_command(uri)
     lines += ["", f"MLflow: {ui}",

@@ -20,10 +20,25 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from pipeline.cluster import connect_ray, storage_root
 from pipeline.config import RunConfig, save_config
-from pipeline.errors import DataError
-from pipeline.stages.common import StepLog, all_mean, apply_gradients, prepare_worker, unwrap, worker_batches
+from pipeline.data.dataset import load_preference_dataset
+from pipeline.errors import DataError, ModelLoadError
+from pipeline.models.loading import load_tokenizer, resolve
+from pipeline.stages.common import (
+    StepLog,
+    all_mean,
+    apply_gradients,
+    check_batches,
+    check_cluster,
+    fit_stage,
+    prepare_worker,
+    read_jsonl,
+    unwrap,
+    worker_batches,
+)
 from pipeline.stages.sft import StageResult
+from pipeline.tracking import flatten, open_tracker, raise_undelivered
 
 Pair = tuple[list[int], list[int]]  # (chosen ids, rejected ids), prompt included
 TRAIN_ACCURACY_PAIRS = 1024  # the training accuracy is measured on the first (shuffled) pairs, not all
@@ -31,7 +46,6 @@ TRAIN_ACCURACY_PAIRS = 1024  # the training accuracy is measured on the first (s
 
 def reward_pairs(cfg: RunConfig, tokenizer: Any) -> tuple[list[Pair], list[Pair]]:
     """(train, held-out) token pairs; the data is validated like preference-training data."""
-    from pipeline.data.dataset import load_preference_dataset
 
     r = cfg.reward_model
     data = cfg.data.model_copy(update={"source": r.source or cfg.data.source, "split": r.split, "limit": r.limit,
@@ -58,9 +72,6 @@ def reward_pairs(cfg: RunConfig, tokenizer: Any) -> tuple[list[Pair], list[Pair]
 def load_reward_backbone(spec: str, cfg: RunConfig, pad_token_id: int) -> Any:
     """A one-output sequence-classification model on ``spec`` (its score head is new)."""
     from transformers import AutoModelForSequenceClassification
-
-    from pipeline.errors import ModelLoadError
-    from pipeline.models.loading import resolve
 
     resolved = resolve(spec, cfg.model.revision)
     try:
@@ -106,11 +117,6 @@ def accuracy(model: Any, pairs: list[Pair], pad_token_id: int, batch_size: int) 
 def run_reward_model(cfg: RunConfig, *, progress: bool = True) -> StageResult:
     import ray
 
-    from pipeline.models.loading import load_tokenizer
-    from pipeline.stages.common import check_batches, check_cluster, fit_stage, read_jsonl
-    from pipeline.tracking import flatten, open_tracker, raise_undelivered
-    from pipeline.train.distributed import connect_ray, storage_root
-
     r = cfg.reward_model
     base = r.base or cfg.model.policy
     name = cfg.output.run_name or f"reward-model-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -146,7 +152,6 @@ def _reward_loop(config: dict[str, Any]) -> None:
     import json
 
     import ray
-
 
     cfg = RunConfig.model_validate(config["cfg"])
     r = cfg.reward_model

@@ -17,9 +17,26 @@ from typing import Any
 
 import torch
 
+from pipeline.cluster import connect_ray, storage_root
 from pipeline.config import RunConfig, save_config
+from pipeline.data.normalize import normalize_record
+from pipeline.data.sources import Unparseable, read_records
+from pipeline.data.tokenization import PairTokenizer, collate_sequences
 from pipeline.errors import DataError, RowProblem
-from pipeline.stages.common import StepLog, all_mean, apply_gradients, prepare_worker, unwrap, worker_batches
+from pipeline.models.loading import load_causal_lm, load_tokenizer
+from pipeline.stages.common import (
+    StepLog,
+    all_mean,
+    apply_gradients,
+    check_batches,
+    check_cluster,
+    fit_stage,
+    prepare_worker,
+    read_jsonl,
+    unwrap,
+    worker_batches,
+)
+from pipeline.tracking import flatten, open_tracker, raise_undelivered
 
 
 @dataclass
@@ -34,9 +51,6 @@ class StageResult:
 
 def sft_examples(cfg: RunConfig, tokenizer: Any) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, response ids) per row; raises DataError listing every bad row."""
-    from pipeline.data.normalize import normalize_record
-    from pipeline.data.sources import Unparseable, read_records
-    from pipeline.data.tokenization import PairTokenizer
 
     s = cfg.sft
     renderer = PairTokenizer(tokenizer, s.max_length)
@@ -85,11 +99,6 @@ def run_sft(cfg: RunConfig, *, progress: bool = True) -> StageResult:
     """Validate the data, then fine-tune ``model.policy`` on Ray Train workers; returns where the model is."""
     import ray
 
-    from pipeline.models.loading import load_tokenizer
-    from pipeline.stages.common import check_batches, check_cluster, fit_stage, read_jsonl
-    from pipeline.tracking import flatten, open_tracker, raise_undelivered
-    from pipeline.train.distributed import connect_ray, storage_root
-
     m = cfg.model
     name = cfg.output.run_name or f"sft-{time.strftime('%Y%m%d-%H%M%S')}"
     run_folder = storage_root(cfg) / name
@@ -119,9 +128,6 @@ def run_sft(cfg: RunConfig, *, progress: bool = True) -> StageResult:
 
 def _sft_loop(config: dict[str, Any]) -> None:
     import ray
-
-    from pipeline.data.tokenization import collate_sequences
-    from pipeline.models.loading import load_causal_lm
 
     cfg = RunConfig.model_validate(config["cfg"])
     s = cfg.sft

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import PipelineError
+from pipeline.models.loading import resolve
 
 log = logging.getLogger(__name__)
 
@@ -264,8 +265,6 @@ BYTES_PER_PARAMETER = 16  # DeepSpeed + AdamW: weights, a float32 master copy, t
 def parameter_count(spec: str, revision: str | None = None) -> int | None:
     """Parameters of a local model, from its safetensors headers (nothing is loaded); None if unknown."""
     from safetensors import safe_open
-
-    from pipeline.models.loading import resolve
 
     resolved = resolve(spec, revision)
     files = list(Path(resolved.location).glob("*.safetensors")) if resolved.local else []

@@ -17,85 +17,30 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from pipeline.cluster import check_resources, connect_ray, ray_train_defaults, storage_root
 from pipeline.config import RunConfig, save_config
 from pipeline.errors import PipelineError
 from pipeline.eval.evaluator import Evaluator, build_evaluator
-from pipeline.reference.cache import ChunkPlan, ReferenceCache, usable_cache
-from pipeline.reference.scorer import stats_kind
+from pipeline.reference.cache import ChunkPlan, ReferenceCache, cache_key, usable_cache
+from pipeline.reference.group import ChunkFeed, LiveFeed, ReferenceGroup
+from pipeline.reference.scorer import ReferenceScorer, stats_kind
 from pipeline.tracking import check_store, clear_undelivered, flatten, open_tracker, raise_undelivered
 from pipeline.train.batches import PairBatches
 from pipeline.train.checkpoints import check_space, merge_ledgers, out_of_space
-from pipeline.train.local import TrainResult, prepare_data, run_name, steady_median
+from pipeline.train.setup import TrainResult, load_reference, prepare_data, run_name, steady_median
+from pipeline.train.worker import train_loop
 
 log = logging.getLogger(__name__)
 
 
 class TrainingFailed(PipelineError):
     """The worker group failed more often than ``distributed.max_failures`` allows."""
-
-
-def storage_root(cfg: RunConfig) -> Path:
-    return Path(cfg.distributed.storage_path or cfg.output.dir).expanduser().resolve()
-
-
-def connect_ray(address: str | None) -> None:
-    """Join the configured cluster, else $RAY_ADDRESS, else a running `ray start` cluster on this machine,
-    else start Ray here. Ray's defaults stand: token authentication on, dashboard on 127.0.0.1."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    try:
-        ray.init(address=address or os.environ.get("RAY_ADDRESS") or None)
-    except (ConnectionError, RuntimeError, ValueError) as e:
-        raise PipelineError(f"cannot connect to Ray at {address or 'a new local instance'}: {e}") from None
-
-
-def require_resources(groups: list[tuple[int, dict[str, float]]], what: str) -> None:
-    """Fail now, naming the settings, when the cluster can never hold ``groups``, each (how many, one
-    actor's resources): together they must fit in the cluster, and each actor on one node. Ray would
-    otherwise wait for resources forever."""
-    import ray
-
-    have = ray.cluster_resources()
-    need: dict[str, float] = {}
-    for count, res in groups:
-        for k, v in res.items():
-            need[k] = need.get(k, 0) + count * v
-    short = {k: v for k, v in need.items() if v > have.get(k, 0) + 1e-9}
-    if short:
-        raise PipelineError("the Ray cluster is too small for this run: needs "
-                            + ", ".join(f"{v:g} {k} (has {have.get(k, 0):g})" for k, v in short.items())
-                            + f" for {what}")
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    for count, res in groups:
-        res = {k: v for k, v in res.items() if v > 0}
-        if count and res and not any(all(node.get(k, 0) + 1e-9 >= v for k, v in res.items()) for node in nodes):
-            largest = max(nodes, key=lambda node: tuple(node.get(k, 0) for k in res), default={})
-            raise PipelineError("the Ray cluster is too small for this run: no one node has "
-                                + ", ".join(f"{v:g} {k}" for k, v in res.items()) + " (the largest has "
-                                + ", ".join(f"{largest.get(k, 0):g} {k}" for k in res) + f") for {what}")
-
-
-def check_resources(cfg: RunConfig, actors: int, *, workers: int | None = None, driver_cpus: float = 0.0) -> None:
-    """``workers`` training workers (default: distributed.num_workers), ``actors`` reference actors and
-    ``driver_cpus`` more (a sweep trial's own) must fit in the cluster."""
-    d, r = cfg.distributed, cfg.reference
-    workers = d.num_workers if workers is None else workers
-    require_resources(
-        [(1, {"CPU": driver_cpus}), (workers, {"CPU": d.cpus_per_worker, "GPU": float(d.use_gpu)}),
-         (actors, {"CPU": r.cpus_per_actor, "GPU": r.gpus_per_actor})],
-        (f"sweep.trial_cpus={driver_cpus:g}, " if driver_cpus else "")
-        + f"{workers} worker(s) x distributed.cpus_per_worker={d.cpus_per_worker:g} (use_gpu={d.use_gpu})"
-        f" and {actors} reference actor(s) x reference.cpus_per_actor={r.cpus_per_actor:g},"
-        f" gpus_per_actor={r.gpus_per_actor:g}")
 
 
 @dataclass
@@ -109,11 +54,7 @@ class FeedFactory:
     cache: ReferenceCache | None = None
 
     def __call__(self):
-        from pipeline.reference.group import ChunkFeed, LiveFeed
-
         if self.plan is None:  # colocated: a reference model in this worker
-            from pipeline.reference.scorer import ReferenceScorer
-            from pipeline.train.local import load_reference
 
             cfg = RunConfig.model_validate(self.cfg)
             model = load_reference(cfg)
@@ -138,18 +79,6 @@ def run_chunks(cfg: RunConfig, num_pairs: int) -> tuple[ChunkPlan, list[int]]:
     """The chunk plan of ``num_pairs`` pairs, and the chunks a run of cfg trains on, in first-need order."""
     plan = ChunkPlan(num_pairs, cfg.reference.chunk_size)
     return plan, plan.first_need(consumption_order(cfg, num_pairs))
-
-
-def ray_train_defaults() -> None:
-    """Ray Train settings for every TorchTrainer the pipeline starts, unless the user set them. Ray Train
-    passes them on from the process that calls ``fit`` to its controller and workers."""
-    # The controller takes a worker's report (and notices failures and the end) when it polls, every
-    # 2 s by default; a worker reporting faster waits. Polled every 0.5 s.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-    # The print patch sends each of tqdm_ray's state lines to stdout *and* to Ray Train's logger
-    # (stderr): the driver then sees a bar's closing state twice and re-creates the bar it had just
-    # closed, which stays drawn for the rest of the driver's life. Off.
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 
 
 def train_distributed(cfg: RunConfig, *, progress: bool = True, run_dir: Path | None = None,
@@ -217,8 +146,6 @@ def _fit(cfg: RunConfig, pairs: list, tokenizer: Any, storage: Path, run_folder:
     if cfg.reference.mode == "colocated":  # no actors: train_distributed has checked the workers
         factory = FeedFactory(kind, cfg_tree)
     else:
-        from pipeline.reference.group import ReferenceGroup
-
         plan, todo = run_chunks(cfg, len(pairs))
         cache = None
         if cfg.reference.cache:
@@ -281,8 +208,6 @@ def reference_pass(cfg: RunConfig, pairs: list, pad_token_id: int, kind: str, ro
     """Fill ``root``'s reference cache with the chunks of ``pairs`` a run of ``cfg`` trains on, for ``kind``
     (one pass, before any training: a sweep's trials then read it; a trial whose swept train.* settings
     need more chunks computes those itself). Returns forward passes run and chunks computed / cached."""
-    from pipeline.reference.cache import cache_key
-    from pipeline.reference.group import ReferenceGroup
 
     plan, needed = run_chunks(cfg, len(pairs))
     fingerprint, meta = cache_key(cfg, pairs, kind)
@@ -302,8 +227,6 @@ def reference_pass(cfg: RunConfig, pairs: list, pad_token_id: int, kind: str, ro
 
 
 def _train_loop(config: dict[str, Any]) -> None:
-    from pipeline.train.worker import train_loop
-
     train_loop(config)
 
 

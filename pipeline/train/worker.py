@@ -27,12 +27,18 @@ from typing import Any
 
 import torch
 
+from pipeline.cluster import quiet_train_reports, storage_root
 from pipeline.config import RunConfig
 from pipeline.data.tokenization import collate_pairs
+from pipeline.eval.evaluator import all_gather
+from pipeline.models.forward import ResponseLogits
+from pipeline.models.loading import load_causal_lm
+from pipeline.models.packing import pack_batch, packing_supported
+from pipeline.tracking import attach_tracker, flush_worker
 from pipeline.train import checkpoints
 from pipeline.train.batches import BatchPosition, PairBatches
-from pipeline.train.packing import pack_batch, packing_supported
-from pipeline.train.step import ResponseLogits, StepOptions, add_metrics, micro_batch_loss
+from pipeline.train.setup import adamw, warmup_schedule
+from pipeline.train.step import StepOptions, add_metrics, micro_batch_loss
 
 
 def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
@@ -62,9 +68,6 @@ def build_engine(cfg: RunConfig, world_size: int):
     """The DeepSpeed engine around :class:`ResponseLogits`; ``engine.module.packing`` says whether
     batches go padding-free (checked on the full model, before ZeRO-3 partitions it)."""
     import deepspeed
-
-    from pipeline.models.loading import load_causal_lm
-    from pipeline.train.local import adamw, warmup_schedule
 
     m = cfg.model
     # DeepSpeed casts to bf16/fp16 itself and keeps float32 master weights.
@@ -183,8 +186,6 @@ def train_loop(config: dict[str, Any]) -> None:
     import ray.train
     import torch.distributed as dist
 
-    from pipeline.stages.common import quiet_train_reports
-
     quiet_train_reports()
     cfg = RunConfig.model_validate(config["cfg"])
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.distributed.use_gpu else "cpu")
@@ -199,8 +200,6 @@ def train_loop(config: dict[str, Any]) -> None:
     start_step, position, ledger = _resume(engine, rank, world, run_folder, len(pairs))
     batches = PairBatches(len(pairs), cfg.train.batch_size * world, cfg.train.seed)
     stream = batches.iterate(position)
-
-    from pipeline.tracking import attach_tracker, flush_worker
 
     tracker = attach_tracker(config["tracking_uri"], config["run_id"], rank, cfg.tracking.flush_timeout_s)
     b = cfg.train.batch_size
@@ -286,7 +285,6 @@ def _evaluate(evaluator: Any, engine: Any, feed: Any, cfg: RunConfig, rank: int,
 
 def evaluate_policy(evaluator: Any, engine: Any, feed: Any, cfg: RunConfig, rank: int, world: int):
     """One evaluation point of the policy as it is now; every rank takes part (ZeRO-3 gathers)."""
-    from pipeline.eval.evaluator import all_gather
 
     local = feed.scorer.model if hasattr(feed, "scorer") else None  # colocated reference
     synced = cfg.distributed.zero_stage == 3 and world > 1
@@ -328,16 +326,10 @@ def _report(engine: Any, cfg: RunConfig, rank: int, world: int, step: int, posit
         try:  # a synchronous report copies the folder to the run storage
             ray.train.report({"step": step, **metrics}, checkpoint=ray.train.Checkpoint.from_directory(str(folder)))
         except (OSError, RuntimeError) as e:
-            if (full := checkpoints.out_of_space(e, _storage(cfg), f"the checkpoint of step {step}")) is not None:
+            if (full := checkpoints.out_of_space(e, storage_root(cfg), f"the checkpoint of step {step}")) is not None:
                 raise full from e
             raise
         finally:
             shutil.rmtree(folder, ignore_errors=True)
     elif "eval/reward" in metrics or (every_log_step and step % cfg.train.log_every == 0):
         ray.train.report({"step": step, **metrics})
-
-
-def _storage(cfg: RunConfig) -> Path:
-    from pipeline.train.distributed import storage_root
-
-    return storage_root(cfg)

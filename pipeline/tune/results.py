@@ -9,6 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import RunConfig
+from pipeline.eval.pareto import REFERENCE_METHOD, Point, by_method, pareto_front
+from pipeline.eval.runs import experiment_points, log_pareto
+from pipeline.tracking import experiment_client, ui_command
 from pipeline.tune.space import flat_space
 
 
@@ -16,8 +19,6 @@ def report_sweep(cfg: RunConfig, result: Any, parent: Any, trials: set[str]) -> 
     """Fronts over the evaluation points of the sweep's ``trials`` (Tune trial ids), hypervolumes, best
     configs and the trial table. Child runs of trials Tune no longer knows (an Optuna trial started
     after Tune last saved its state, before the driver died) are ended and left out."""
-    from pipeline.eval.pareto import REFERENCE_METHOD, Point
-    from pipeline.eval.runs import experiment_points, log_pareto
 
     keys = flat_space(cfg.sweep.space)
     by_trial = {row["trial"]: {k: v for k, v in row.items() if k in keys} for row in result.trials}
@@ -49,8 +50,6 @@ def report_sweep(cfg: RunConfig, result: Any, parent: Any, trials: set[str]) -> 
 
 
 def _child_runs(cfg: RunConfig, result: Any) -> list[Any]:
-    from pipeline.tracking import experiment_client
-
     client, experiment = experiment_client(cfg)
     return client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'",
                               max_results=10_000)
@@ -59,7 +58,6 @@ def _child_runs(cfg: RunConfig, result: Any) -> list[Any]:
 def best_configs(points: list, configs: dict[str, dict[str, Any]], kl_budget: float | None) -> dict[str, Any]:
     """Per method: the point on its front with the highest reward whose KL is within ``kl_budget``
     (no budget: the front's highest reward), and the swept values of the trial it came from."""
-    from pipeline.eval.pareto import REFERENCE_METHOD, by_method, pareto_front
 
     best = {}
     for method, group in sorted(by_method(points).items()):
@@ -106,7 +104,6 @@ def summary_table(result: Any, uri: str, experiment: str) -> str:
     for method, best in result.best.items():
         lines.append(f"  {method:<6} {best['config']}  reward {best['reward']:.4f} at KL {best['kl']:.4f} "
                      f"(step {best['step']})")
-    from pipeline.tracking import ui_command
 
     ui = ui_command(uri)
     lines += ["", f"MLflow: {ui}",

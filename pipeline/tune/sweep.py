@@ -33,8 +33,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.cluster import check_resources, connect_ray, storage_root
 from pipeline.config import RunConfig, load_config, save_config
 from pipeline.errors import ConfigError, PipelineError
+from pipeline.eval.evaluator import build_evaluator
+from pipeline.eval.metrics import EvalPoint
+from pipeline.eval.runs import evaluate_model
+from pipeline.reference.cache import token_level_kind
+from pipeline.stages.pipeline import run_label
+from pipeline.tracking import find_run, flatten, open_tracker, tracking_uri
+from pipeline.train.distributed import reference_pass, train_distributed
+from pipeline.train.setup import prepare_data
 from pipeline.tune.results import best_configs, report_sweep, summary_table  # noqa: F401 (the public API)
 from pipeline.tune.space import (
     Dimension,
@@ -82,7 +91,6 @@ class SweepSpec:
 
 def run_sweep(cfg: RunConfig, *, progress: bool = True) -> SweepResult:
     """A new sweep of cfg.sweep.space around cfg."""
-    from pipeline.train.distributed import storage_root
 
     sweep_id = cfg.output.run_name or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
     folder = storage_root(cfg) / sweep_id
@@ -122,8 +130,6 @@ def check_sweep(cfg: RunConfig) -> list[Dimension]:
     if s.asha.enabled:
         from dataclasses import fields
 
-        from pipeline.eval.metrics import EvalPoint
-
         known = [f"eval/{f.name}" for f in fields(EvalPoint)] + ["loss"]
         if s.asha.metric not in known:  # Tune's strict metric check is off under ASHA: a typo must fail here
             raise ConfigError(f"sweep.asha.metric: {s.asha.metric!r} is not a metric trials report; "
@@ -137,11 +143,6 @@ def check_sweep(cfg: RunConfig) -> list[Dimension]:
 
 def _sweep(cfg: RunConfig, sweep_id: str, folder: Path, *, restore: bool, progress: bool,
            parent_run_id: str | None = None) -> SweepResult:
-    from pipeline.eval.evaluator import build_evaluator
-    from pipeline.tracking import flatten, open_tracker, tracking_uri
-    from pipeline.train.distributed import check_resources, connect_ray
-    from pipeline.train.local import prepare_data
-
     started = time.perf_counter()
     dims = check_sweep(cfg)
     trial_root = folder / "trials"
@@ -187,7 +188,6 @@ LOCAL_PATHS = (("data", "source"), ("eval", "prompts"), ("eval", "reward", "sour
 def _trial_base(cfg: RunConfig, trial_root: Path) -> RunConfig:
     """The config every trial starts from: evaluation on, runs and cache under the sweep's folder,
     the tracking store pinned (it would otherwise follow output.dir), local paths made absolute."""
-    from pipeline.tracking import tracking_uri
 
     tree = cfg.model_dump(mode="json")
     for path in LOCAL_PATHS:
@@ -208,8 +208,6 @@ def _reference_pass(base: RunConfig, dims: list[Dimension], pairs: list, pad_tok
                     parent: Any) -> dict[str, Any]:
     """Every chunk of the pairs through the reference, once: the trials read the cache. A sweep with
     any token-level loss computes the token-level statistics; its DPO trials read their sums."""
-    from pipeline.reference.cache import token_level_kind
-    from pipeline.train.distributed import reference_pass
 
     if base.reference.mode == "colocated" or not base.reference.cache:
         log.warning("reference.mode=colocated or reference.cache=false: every trial runs its own reference")
@@ -224,7 +222,6 @@ def _reference_pass(base: RunConfig, dims: list[Dimension], pairs: list, pad_tok
 
 def _reference_point(base: RunConfig, sweep_id: str, parent: Any) -> dict[str, float]:
     """The untrained reference's evaluation point, logged on the parent run once (kept on resume)."""
-    from pipeline.eval.runs import evaluate_model
 
     if not base.sweep.evaluate_reference:
         return {}
@@ -316,9 +313,6 @@ def run_trial(config: dict[str, Any], spec: SweepSpec) -> None:
     TorchTrainer whose reports reach Tune, then the final evaluation point as the trial's result."""
     import ray.tune
 
-    from pipeline.stages.pipeline import run_label
-    from pipeline.tracking import find_run
-    from pipeline.train.distributed import train_distributed
     from pipeline.tune.callbacks import ReportsBeforeLastStep
 
     trial_id = ray.tune.get_context().get_trial_id()

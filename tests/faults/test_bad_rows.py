@@ -217,7 +217,7 @@ def ten_thousand_rows(path: Path) -> Path:
 
 @pytest.mark.timeout(120)
 def test_ten_thousand_rows_three_bad_skip_keeps_9997_and_reports_the_three(tmp_path, tiny_tokenizer):
-    from pipeline.train.local import write_data_report
+    from pipeline.train.setup import write_data_report
 
     path = ten_thousand_rows(tmp_path / "big.jsonl")
     ds = load_preference_dataset(DataConfig(source=str(path), on_invalid="skip", max_length=64, max_prompt_length=32),

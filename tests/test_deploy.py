@@ -21,6 +21,7 @@ import re
 import shlex
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -86,7 +87,9 @@ def test_the_image_installs_the_versions_the_tests_run_with():
     """The lock pins every package the tests run with, at the version installed: the Makefile and the
     image install from it, so an upstream release cannot change either behind the tests."""
     lock = {canonicalize_name(name): version for name, version in pins().items()}
-    installed = {canonicalize_name(d.metadata["Name"]): d.version for d in importlib.metadata.distributions()}
+    # The environment's own packages (not what a library vendors onto sys.path: Ray's thirdparty_files).
+    site = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+    installed = {canonicalize_name(d.metadata["Name"]): d.version for d in importlib.metadata.distributions(path=site)}
     installed.pop("rayprefopt", None)
     assert {n: v.split("+")[0] for n, v in installed.items() if lock.get(n) != v.split("+")[0]} == {}
     assert sorted(set(lock) - set(installed)) == []

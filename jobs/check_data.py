@@ -15,7 +15,7 @@ import argparse
 from typing import Any
 
 from jobs.cli import run_job
-from pipeline.config import ConfigError, DataConfig, read_yaml, validate_config
+from pipeline.config import DataConfig, read_yaml, validate_config, validate_section
 from pipeline.data.dataset import PreferenceDataset, load_preference_dataset
 from pipeline.errors import DataError
 
@@ -34,10 +34,14 @@ def parse_args() -> argparse.Namespace:
 def data_config(args: argparse.Namespace) -> tuple[DataConfig, str | None]:
     section: dict[str, Any] = {}
     tokenizer = args.tokenizer
+    origin = "command-line flags"
     if args.config:
-        cfg = validate_config(read_yaml(args.config), args.config)
-        section = cfg.data.model_dump()
+        tree = read_yaml(args.config)
+        cfg = validate_config(tree, args.config)
+        # The section as written, not as resolved: a max_prompt_length the file leaves out follows --max-length.
+        section = dict(tree["data"])
         tokenizer = tokenizer or cfg.model.tokenizer_spec
+        origin = f"{args.config} with command-line flags"
     section["source"] = args.source
     section["limit"] = None
     for key in ("split", "max_length"):
@@ -45,10 +49,7 @@ def data_config(args: argparse.Namespace) -> tuple[DataConfig, str | None]:
             section[key] = getattr(args, key)
     if args.max_prompt_length is not None:
         section["max_prompt_length"] = args.max_prompt_length or None
-    try:
-        return DataConfig.model_validate(section), tokenizer
-    except ValueError as e:
-        raise ConfigError(f"invalid data settings: {e}") from None
+    return validate_section(DataConfig, section, origin, "data"), tokenizer
 
 
 def print_lengths(dataset: PreferenceDataset, tokenizer: str) -> None:

@@ -7,6 +7,9 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from pydantic import ValidationError
+
+from pipeline.config import config_error_of
 from pipeline.errors import PipelineError
 
 EXIT_USER_ERROR = 2
@@ -22,11 +25,18 @@ def config_parser(description: str) -> argparse.ArgumentParser:
 
 
 def run_job(main: Callable[[], int]) -> None:
-    """Run ``main``; a PipelineError (bad config, data, path, model) prints its message, no traceback."""
+    """Run ``main``; a PipelineError (bad config, data, path, model), or a config model's ValidationError,
+    prints its message, no traceback."""
     try:
         code = main()
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
+        code = EXIT_USER_ERROR
+    except ValidationError as e:  # a config value the job itself set or built, outside validate_config
+        error = config_error_of(e)
+        if error is None:
+            raise  # not a config model's: a bug, with its traceback
+        print(f"error: {error}", file=sys.stderr)
         code = EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

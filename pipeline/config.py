@@ -13,12 +13,14 @@ from __future__ import annotations
 import re
 import reprlib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import ConfigError
+
+Section = TypeVar("Section", bound=BaseModel)
 
 # Kept in sync with pipeline.losses.LOSSES (a test checks it); listed here so
 # validating a config never imports torch.
@@ -33,6 +35,16 @@ MAX_CONFIG_VALUES = 100_000
 # state and logs.
 CREDENTIALS_ADVICE = ("give them as $MLFLOW_TRACKING_USERNAME and $MLFLOW_TRACKING_PASSWORD (or "
                       "$MLFLOW_TRACKING_TOKEN) in the environment of every process that logs")
+DEFAULT_MAX_LENGTH = 512
+
+
+class FieldProblem(ValueError):
+    """What a validator that compares fields raises: ``key`` is the field to blame, so the message
+    names its full key path (``data.max_prompt_length: ...``) instead of the section's."""
+
+    def __init__(self, key: str, reason: str):
+        super().__init__(reason)
+        self.key = key
 
 
 class _Strict(BaseModel):
@@ -65,9 +77,10 @@ class DataConfig(_Strict):
     source: str = Field(description="builtin:NAME, a .json/.jsonl/.parquet/.csv file or folder, or a Hub dataset")
     split: str = "train"
     limit: int | None = Field(None, ge=1, description="use only the first N rows")
-    max_length: int = Field(512, ge=2, le=1_000_000, description="prompt + response tokens, per sequence")
+    max_length: int = Field(DEFAULT_MAX_LENGTH, ge=2, le=1_000_000, description="prompt + response tokens, per sequence")
     max_prompt_length: int | None = Field(
-        256, ge=1, description="prompts longer than this are truncated; null: never truncate prompts"
+        DEFAULT_MAX_LENGTH // 2, ge=1,
+        description="prompts longer than this are truncated; not given: max_length // 2; null: never truncate prompts",
     )
     prompt_truncation: Literal["left", "right"] = Field(
         "left", description="which end of a long prompt is cut (left keeps the end, next to the response)"
@@ -76,13 +89,23 @@ class DataConfig(_Strict):
         "error", description="error: one bad row stops the run; skip: bad rows are dropped and reported"
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _prompt_length_follows(cls, data: Any) -> Any:
+        """Not given, max_prompt_length is half of max_length (256 for the default 512), so that setting
+        max_length alone is enough. The value is resolved here, once: it is what save_config writes."""
+        if isinstance(data, dict) and "max_prompt_length" not in data:
+            max_length = data.get("max_length", DEFAULT_MAX_LENGTH)
+            # An invalid max_length is left to its own field check; the default then stands, unused.
+            if isinstance(max_length, int) and not isinstance(max_length, bool) and max_length >= 2:
+                data = {**data, "max_prompt_length": max_length // 2}
+        return data
+
     @model_validator(mode="after")
     def _prompt_fits(self) -> DataConfig:
         if self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
-            raise ValueError(
-                f"max_prompt_length ({self.max_prompt_length}) must be smaller than max_length "
-                f"({self.max_length}) to leave room for the response"
-            )
+            raise FieldProblem("max_prompt_length", f"{self.max_prompt_length} leaves no room for the response: "
+                               f"it must be smaller than max_length ({self.max_length})")
         return self
 
 
@@ -110,13 +133,15 @@ class TrainConfig(_Strict):
     max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping; null: no clipping")
     log_every: int = Field(1, ge=1)
     packing: bool = Field(True, description="padding-free forward passes: a batch's sequences packed end to end "
-                          "(pipeline.train.packing); a model (policy or reference) that fails the packing check runs padded")
+                          "(pipeline.models.packing); a model (policy or reference) that fails the packing check runs padded")
     save_model: bool = Field(True, description="export the trained policy as safetensors at the end")
+    export_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="dtype of the exported policy's weights; null: model.dtype (as trained)")
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> TrainConfig:
         if self.warmup_steps > self.max_steps:
-            raise ValueError(f"warmup_steps ({self.warmup_steps}) exceeds max_steps ({self.max_steps})")
+            raise FieldProblem("warmup_steps", f"{self.warmup_steps} exceeds max_steps ({self.max_steps})")
         return self
 
     @property
@@ -186,6 +211,9 @@ class DistributedConfig(_Strict):
     offload_params: bool = Field(False, description="ZeRO-3 parameters in CPU memory")
     checkpoint_every: int | None = Field(None, ge=1, description="steps between checkpoints; null: only at the end")
     keep_checkpoints: int = Field(2, ge=1)
+    keep_final_checkpoint: bool = Field(
+        False, description="keep a finished run's last checkpoint (weights and optimizer state, to train it further "
+        "under the same run name); false: dropped once the policy is exported (train.save_model)")
     max_failures: int = Field(0, ge=-1, description="worker-group restarts from the last checkpoint (-1: always)")
     storage_path: str | None = Field(
         None, description="checkpoints and the reference cache; null: output.dir. Shared storage on multi-node clusters"
@@ -194,7 +222,7 @@ class DistributedConfig(_Strict):
     @model_validator(mode="after")
     def _offload_params_needs_zero3(self) -> DistributedConfig:
         if self.offload_params and self.zero_stage != 3:
-            raise ValueError(f"offload_params needs zero_stage 3 (got {self.zero_stage})")
+            raise FieldProblem("offload_params", f"needs zero_stage 3 (got zero_stage {self.zero_stage})")
         return self
 
 
@@ -271,7 +299,7 @@ class StageTrainConfig(_Strict):
     @model_validator(mode="after")
     def _warmup_fits(self) -> StageTrainConfig:
         if self.warmup_steps > self.max_steps:  # the schedule would never reach its peak learning rate
-            raise ValueError(f"warmup_steps ({self.warmup_steps}) exceeds max_steps ({self.max_steps})")
+            raise FieldProblem("warmup_steps", f"{self.warmup_steps} exceeds max_steps ({self.max_steps})")
         return self
 
 
@@ -375,20 +403,58 @@ class RunConfig(_Strict):
         return self.train.pairs_per_step * self.workers
 
 
-def _format_validation_error(err: ValidationError, origin: str) -> str:
+def config_error(err: ValidationError, origin: str, section: str = "") -> ConfigError:
+    """The project's message for a pydantic ValidationError: ``invalid configuration (ORIGIN):`` and
+    one ``key.path: reason`` line per problem; never pydantic's URLs. ``section`` is the key path of
+    the model that was validated when it is not the whole tree (``data`` for a DataConfig)."""
     lines = [f"invalid configuration ({origin}):"]
-    for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"]) or "(root)"
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key"
-        elif e["type"] == "missing":
-            msg = "required key is missing"
-        got = e.get("input")
-        hide = e["type"] in ("missing", "extra_forbidden") or isinstance(got, dict)
-        suffix = "" if hide else f" (got {_short_repr(got)})"
-        lines.append(f"  {path}: {msg}{suffix}")
-    return "\n".join(lines)
+    lines += [f"  {_problem_line(e, section)}" for e in err.errors()]
+    return ConfigError(hide_uri_credentials("\n".join(lines)))
+
+
+def _problem_line(e: Any, section: str) -> str:
+    loc = [section] if section else []
+    loc += [str(p) for p in e["loc"]]
+    msg, got, hide = e["msg"], e.get("input"), e["type"] in ("missing", "extra_forbidden")
+    if e["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif e["type"] == "missing":
+        msg = "required key is missing"
+    cause = e.get("ctx", {}).get("error")
+    if e["type"] == "value_error" and isinstance(cause, ValueError):
+        msg = str(cause)  # a validator's own words, without pydantic's "Value error, "
+        if isinstance(cause, FieldProblem):
+            loc.append(cause.key)
+            hide = True  # its input is the whole section; the reason already quotes the values
+    hide = hide or isinstance(got, dict | BaseModel)
+    suffix = "" if hide else f" (got {_short_repr(got)})"
+    return f"{'.'.join(loc) or '(root)'}: {msg}{suffix}"
+
+
+def config_error_of(err: ValidationError) -> ConfigError | None:
+    """A ConfigError for a config model's ValidationError that arose outside :func:`validate_config`
+    (a value assigned to a validated config, a section built in code); None for any other model's,
+    which is a bug and keeps its traceback."""
+    paths = _section_paths().get(err.title)
+    if paths is None:
+        return None
+    if len(paths) == 1:
+        return config_error(err, f"{paths[0] or 'the config'}, as set by the job", paths[0])
+    return config_error(err, f"{err.title} ({' or '.join(sorted(paths))}), as set by the job")
+
+
+def _section_paths() -> dict[str, list[str]]:
+    """Config model name -> the key paths where it sits in RunConfig (GenerationConfig sits in two)."""
+    paths: dict[str, list[str]] = {RunConfig.__name__: [""]}
+    stack: list[tuple[type[BaseModel], str]] = [(RunConfig, "")]
+    while stack:
+        model, prefix = stack.pop()
+        for name, info in model.model_fields.items():
+            kind = info.annotation
+            if isinstance(kind, type) and issubclass(kind, _Strict):
+                paths.setdefault(kind.__name__, []).append(prefix + name)
+                stack.append((kind, f"{prefix}{name}."))
+    return paths
 
 
 _REPR = reprlib.Repr()
@@ -481,10 +547,16 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def validate_config(tree: dict[str, Any], origin: str = "config") -> RunConfig:
+    return validate_section(RunConfig, tree, origin)
+
+
+def validate_section(model: type[Section], tree: Any, origin: str, section: str = "") -> Section:
+    """``model.model_validate(tree)`` whose failure is a :class:`ConfigError` in the project's format;
+    ``section`` is where the model sits in the tree (``data`` for a DataConfig), for the key paths."""
     try:
-        return RunConfig.model_validate(tree)
+        return model.model_validate(tree)
     except ValidationError as e:
-        raise ConfigError(hide_uri_credentials(_format_validation_error(e, origin))) from None
+        raise config_error(e, origin, section) from None
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:

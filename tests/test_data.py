@@ -243,3 +243,65 @@ def test_dataset_length_stats(tiny_tokenizer, tmp_path):
     ds = load_preference_dataset(DataConfig(source=str(path), max_length=64, max_prompt_length=32), tiny_tokenizer)
     stats = ds.length_stats()
     assert stats["prompt"]["min"] == len("Verdict:") and stats["prompt"]["max"] == len("The film was")
+
+
+# ---------------------------------------------------------------- prompt + whole conversations (UltraFeedback-binarized)
+
+SYSTEM = {"role": "system", "content": "You review films."}
+
+
+def binarized(row: dict, system: bool = False) -> dict:
+    """An explicit-prompt conversational row rewritten the way binarized-feedback sets ship it: the
+    prompt a string, chosen and rejected whole conversations that repeat it."""
+    turns = [SYSTEM] if system else []
+    return {"prompt": row["prompt"][0]["content"], "chosen": [*turns, *row["prompt"], *row["chosen"]],
+            "rejected": [*turns, *row["prompt"], *row["rejected"]], "score_chosen": 8.0, "score_rejected": 3.0}
+
+
+def test_string_prompt_with_whole_conversations_is_the_explicit_row():
+    for i, row in enumerate(CONVERSATIONAL_ROWS, start=1):
+        assert normalize_record(i, binarized(row)) == normalize_record(i, row)
+
+
+def test_the_prompt_is_every_shared_leading_message():
+    ex = normalize_record(1, binarized(CONVERSATIONAL_ROWS[0], system=True))
+    assert ex.prompt == [SYSTEM, {"role": "user", "content": "The film was"}]
+    assert ex.chosen == [{"role": "assistant", "content": "a delight from start to finish."}]
+
+
+def test_multi_turn_conversation_matches_the_last_user_turn():
+    history = [{"role": "user", "content": "Seen Alien?"}, {"role": "assistant", "content": "Yes."},
+               {"role": "user", "content": "Worth it?"}]
+    record = {"prompt": "Worth it?", "chosen": [*history, {"role": "assistant", "content": "Very."}],
+              "rejected": [*history, {"role": "assistant", "content": "No."}]}
+    ex = normalize_record(1, record)
+    assert isinstance(ex, PreferenceExample) and ex.prompt == history
+    assert ex.rejected == [{"role": "assistant", "content": "No."}]
+    problems = normalize_record(4, {**record, "prompt": "Seen Alien?"})  # the first user turn is not the prompt
+    assert [(p.row, p.field) for p in problems] == [(4, "prompt")]
+    assert "'Seen Alien?' differs from the user turn chosen and rejected repeat ('Worth it?')" in problems[0].message
+
+
+def test_a_string_prompt_that_disagrees_with_the_conversation_is_a_row_problem():
+    record = {**binarized(CONVERSATIONAL_ROWS[0]), "prompt": "The book was"}
+    (problem,) = normalize_record(7, record)
+    assert (problem.row, problem.field) == (7, "prompt")
+    assert problem.message == "'The book was' differs from the user turn chosen and rejected repeat ('The film was')"
+    assert isinstance(normalize_record(7, {**record, "prompt": "  The film was\n"}), PreferenceExample)  # spacing
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer():
+    from pipeline.models.loading import load_tokenizer
+
+    return load_tokenizer("builtin:smollm2-135m-instruct")
+
+
+@pytest.mark.smollm
+def test_whole_conversations_tokenize_to_the_explicit_rows_ids(tmp_path, smollm2_tokenizer):
+    explicit = write_jsonl(tmp_path / "explicit.jsonl", CONVERSATIONAL_ROWS)
+    whole = write_jsonl(tmp_path / "binarized.jsonl", [binarized(r) for r in CONVERSATIONAL_ROWS])
+    a, b = (load_preference_dataset(DataConfig(source=str(p)), smollm2_tokenizer) for p in (explicit, whole))
+    assert b.pairs == a.pairs and len(b.pairs) == 4
+    assert b.report.formats == a.report.formats == {"conversational": 4}
+    assert smollm2_tokenizer.decode(b.pairs[0].prompt_ids).endswith("user\nThe film was<|im_end|>\n<|im_start|>assistant\n")

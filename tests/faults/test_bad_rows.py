@@ -50,6 +50,15 @@ CATALOGUE = [
     ({"chosen": [USER, *assistant("a")], "rejected": [USER, *assistant("a"), USER, *assistant("b")]}, "prompt",
      "share no leading text"),  # chosen is a prefix of rejected: nothing is left of the chosen response
     ({"chosen": " a", "rejected": " b"}, "prompt", "share no leading text"),  # only whitespace is shared
+    # A string prompt with whole conversations (UltraFeedback-binarized): the string must be the user turn they repeat.
+    ({"prompt": "Rate it.", "chosen": [USER, *assistant("a")], "rejected": [USER, *assistant("b")]}, "prompt",
+     "'Rate it.' differs from the user turn chosen and rejected repeat ('Review it.')"),
+    ({"prompt": "Review it.", "chosen": assistant("a"), "rejected": assistant("b")}, "prompt",
+     "is a string, but chosen and rejected share no leading messages"),
+    ({"prompt": "Review it.", "chosen": [{"role": "system", "content": "Be brief."}, *assistant("a")],
+      "rejected": [{"role": "system", "content": "Be brief."}, *assistant("b")]}, "prompt", "hold no user turn"),
+    ({"prompt": "Review it.", "chosen": [USER, *assistant("a")], "rejected": [USER]}, "rejected",
+     "is empty once the messages shared with the other response are removed"),
     ({"chosen": "Q: same A: same", "rejected": "Q: same A: same"}, "rejected", "identical to chosen"),
     ({"prompt": "p", "chosen": "c\ud800", "rejected": "r"}, "chosen", "not valid Unicode (unpaired surrogate"),
     (conversation([{"role": "user", "content": "\udfff"}]), "prompt", "message 0 content is not valid Unicode"),

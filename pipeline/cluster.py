@@ -83,6 +83,13 @@ def ray_train_defaults() -> None:
     # (stderr): the driver then sees a bar's closing state twice and re-creates the bar it had just
     # closed, which stays drawn for the rest of the driver's life. Off.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    # Ray Train 2.60 starts a PreemptionWatcher actor per worker group, polling the GCS for node
+    # drains (a cloud autoscaler reclaiming spot/preemptible nodes). It is created with
+    # max_restarts=-1 and the workers' actor handles as arguments, so the controller's core worker
+    # logs an ERROR for it at every fit ("... constructor arguments in the object store and
+    # max_restarts > 0", core_worker.cc), though nothing is wrong. No node of ours is preemptible:
+    # off. A cluster of spot nodes sets RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=1.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 def quiet_train_reports() -> None:
@@ -93,3 +100,20 @@ def quiet_train_reports() -> None:
     except ImportError:  # another Ray layout: leave its logging alone
         return
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    # "Checkpoint successfully created at: ..." at INFO from every worker, for every checkpoint.
+    logging.getLogger("ray.train.v2._internal.execution.storage").setLevel(logging.WARNING)
+
+
+def actor_restarted() -> bool:
+    """In a Ray actor: whether it is a restart of one that died (the GCS's restart count is not 0).
+    ``RuntimeContext.was_current_actor_reconstructed`` asks the same but reads Ray's own deprecated
+    ``actor_id`` property on the way (ray/runtime_context.py:468 in Ray 2.60), printing a
+    RayDeprecationWarning in every actor that asks; this asks by ``get_actor_id()``."""
+    import ray
+    from ray._private.state import actors  # what was_current_actor_reconstructed calls
+
+    actor_id = ray.get_runtime_context().get_actor_id()
+    if actor_id is None:
+        raise RuntimeError("actor_restarted() called outside a Ray actor")
+    info = actors(actor_id=actor_id)
+    return bool(info) and info["NumRestarts"] != 0

@@ -282,6 +282,8 @@ def open_tracker(cfg: RunConfig, run_name: str, *, rank: int = 0, tags: dict[str
     database = _sqlite_path(uri)
     if database is not None:
         database.parent.mkdir(parents=True, exist_ok=True)
+        # "Creating initial MLflow database tables..." at INFO, on a store's first use: not news.
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     elif uri.startswith(("http://", "https://")):
         check_server(uri)
     client = _client(uri, database)

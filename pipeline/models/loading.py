@@ -99,7 +99,11 @@ def load_causal_lm(
     trust_remote_code: bool = False,
 ) -> Any:
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as transformers_logging
 
+    # transformers draws a "Loading weights" bar per load, in every actor and worker that loads a
+    # model: Ray prints each of them, and their repeats, on the driver. The runs' own bars say more.
+    transformers_logging.disable_progress_bar()
     resolved = resolve(spec, revision)
     try:
         model = AutoModelForCausalLM.from_pretrained(

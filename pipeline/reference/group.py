@@ -17,13 +17,13 @@ one. Scoring is deterministic, so the run's result does not change.
 from __future__ import annotations
 
 import os
-import signal
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
+from pipeline.cluster import actor_restarted
 from pipeline.config import RunConfig
 from pipeline.data.tokenization import TokenizedPair
 from pipeline.models.loading import load_causal_lm
@@ -38,7 +38,7 @@ class ReferenceActor:
     """Holds one copy of the frozen reference model. Plain class; :class:`ReferenceGroup` makes it an actor."""
 
     def __init__(self, cfg: dict[str, Any], kind: str, pad_token_id: int, cache: ReferenceCache | None,
-                 index: int, faults: dict[str, Any] | None = None):
+                 index: int, on_task: Callable[[int, int], None] | None = None):
         run = RunConfig.model_validate(cfg)
         model = load_causal_lm(run.model.reference_spec, dtype=run.model.dtype, revision=run.model.revision,
                                trust_remote_code=run.model.trust_remote_code)
@@ -50,12 +50,13 @@ class ReferenceActor:
         self.pad_token_id = pad_token_id
         self.cache = cache
         self.index = index
-        self.faults = faults or {}
+        self.on_task = on_task  # on_task(actor index, task number): a fault test's hook, else None
         self.tasks = 0
 
     def score_chunk(self, chunk: int, pairs: list[TokenizedPair]) -> tuple[dict[str, torch.Tensor], int]:
         """(the chunk's statistics as tensors, forward passes it took)."""
-        self._maybe_die()
+        if self.on_task is not None:
+            self.on_task(self.index, self.tasks)
         self.tasks += 1
         before = self.scorer.forward_passes
         stats = self.scorer.score_pairs(pairs, self.pad_token_id, self.batch_size)
@@ -73,25 +74,14 @@ class ReferenceActor:
         return os.getpid()
 
     def restarted(self) -> bool:
-        import ray
-
-        return ray.get_runtime_context().was_current_actor_reconstructed
-
-    def _maybe_die(self) -> None:
-        """Fault injection for the fault tests: SIGKILL this process once, when it starts task number n (from 0)."""
-        import ray
-
-        plan = self.faults.get("kill_reference")
-        if plan and plan["actor"] == self.index and plan["task"] == self.tasks \
-                and not ray.get_runtime_context().was_current_actor_reconstructed:
-            os.kill(os.getpid(), signal.SIGKILL)
+        return actor_restarted()
 
 
 class ReferenceGroup:
     """``reference.num_actors`` Ray actors scoring chunks of pairs; owned by the driver."""
 
     def __init__(self, cfg: RunConfig, kind: str, pairs: Sequence[TokenizedPair], pad_token_id: int,
-                 cache: ReferenceCache | None, plan: ChunkPlan, faults: dict[str, Any] | None = None):
+                 cache: ReferenceCache | None, plan: ChunkPlan, on_task: Callable[[int, int], None] | None = None):
         import ray
 
         r = cfg.reference
@@ -105,7 +95,7 @@ class ReferenceGroup:
             # the trial's own (tiny) bundle, where they do not fit.
             scheduling_strategy="DEFAULT",
         )
-        self.actors = [actor_cls.remote(cfg.model_dump(mode="json"), kind, pad_token_id, cache, i, faults)
+        self.actors = [actor_cls.remote(cfg.model_dump(mode="json"), kind, pad_token_id, cache, i, on_task)
                        for i in range(r.num_actors)]
         self.pairs = pairs
         self.plan = plan

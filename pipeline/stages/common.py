@@ -9,19 +9,20 @@ slice ``rank`` of every global batch of ``batch_size x workers`` examples from t
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from pipeline.cluster import quiet_train_reports, ray_train_defaults, require_resources
-from pipeline.config import StageTrainConfig
+from pipeline.config import RunConfig, StageTrainConfig
 from pipeline.errors import PipelineError
 from pipeline.tracking import attach_tracker, clear_undelivered, flush_worker
 from pipeline.train.batches import PairBatches
 from pipeline.train.setup import warmup_schedule
+from pipeline.train.steplog import StepLog, progress_bar
 
 
 class StageFailed(PipelineError):
@@ -99,40 +100,38 @@ def worker_batches(num_examples: int, stage: StageTrainConfig, rank: int, world:
         yield indices[rank * b : (rank + 1) * b]
 
 
-class StepLog:
-    """Rank 0: metrics.jsonl, MLflow (attached to the driver's run) and a progress bar."""
+@dataclass
+class StageJob:
+    """What a stage's driver hands each of its Ray Train workers."""
 
-    def __init__(self, config: dict[str, Any], rank: int, total: int, desc: str):
+    cfg: RunConfig
+    examples: Any  # ObjectRef of the training examples (SFT: (prompt ids, response ids); reward model: pairs)
+    pad_token_id: int
+    run_folder: Path  # <storage>/<stage run name>: metrics and the model
+    run_id: str | None  # the driver's MLflow run, which rank 0 logs into
+    tracking_uri: str | None
+    progress: bool = True
+    held_out: Any = None  # reward model: ObjectRef of the held-out pairs
+    base: str | None = None  # reward model: the resolved backbone spec
+
+
+class StageLog(StepLog):
+    """A stage worker's :class:`StepLog`: rank 0 writes metrics.jsonl, logs every step into the driver's
+    MLflow run, draws a bar; what MLflow has not taken is flushed when it closes."""
+
+    def __init__(self, job: StageJob, rank: int, total: int, name: str):
         quiet_train_reports()
-        self.rank = rank
-        self.tracker = attach_tracker(config["tracking_uri"], config["run_id"], rank,
-                                      config["cfg"]["tracking"]["flush_timeout_s"])
-        self.file = (Path(config["run_folder"]) / "metrics.jsonl").open("a", encoding="utf-8") if rank == 0 else None
-        self.bar = None
-        if rank == 0 and config.get("progress"):
-            from ray.experimental.tqdm_ray import tqdm
-
-            self.bar = tqdm(total=total, desc=desc, unit="step")
-        self.started = time.perf_counter()
-
-    def step(self, step: int, metrics: dict[str, float]) -> None:
-        if self.file is None:
-            return
-        metrics = {**metrics, "seconds": time.perf_counter() - self.started}
-        self.started = time.perf_counter()
-        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
-        self.file.flush()
-        self.tracker.log_metrics(metrics, step=step)
-        if self.bar is not None:
-            self.bar.set_description(" ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k in ("loss", "accuracy")))
-            self.bar.update(1)
+        tracker = attach_tracker(job.tracking_uri, job.run_id, rank, job.cfg.tracking.flush_timeout_s)
+        bar = progress_bar("ray", total, 0, name) if rank == 0 and job.progress else None
+        super().__init__(job.run_folder, tracker, total=total, name=name, write=rank == 0, bar=bar,
+                         postfix=("loss", "accuracy"))
+        self.folder = job.run_folder
 
     def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-            flush_worker(self.tracker, Path(self.file.name).parent)
-        if self.bar is not None:
-            self.bar.close()
+        writing = self.metrics_file is not None
+        super().close()
+        if writing:
+            flush_worker(self.tracker, self.folder)
 
 
 def all_mean(value: torch.Tensor) -> float:

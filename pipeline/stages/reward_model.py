@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import random
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,7 +25,8 @@ from pipeline.data.dataset import load_preference_dataset
 from pipeline.errors import DataError, ModelLoadError
 from pipeline.models.loading import load_tokenizer, resolve
 from pipeline.stages.common import (
-    StepLog,
+    StageJob,
+    StageLog,
     all_mean,
     apply_gradients,
     check_batches,
@@ -134,11 +134,9 @@ def run_reward_model(cfg: RunConfig, *, progress: bool = True) -> StageResult:
         tracker.log_artifact(run_folder / "config.yaml")
         connect_ray(cfg.distributed.address)
         check_cluster(r)
-        fit_stage(name, _reward_loop, {"cfg": cfg.model_dump(mode="json"), "base": base,
-                                       "train": ray.put(train), "held_out": ray.put(held_out),
-                                       "pad_token_id": tokenizer.pad_token_id, "run_folder": str(run_folder),
-                                       "run_id": tracker.run_id, "tracking_uri": tracker.uri, "progress": progress},
-                  r, storage_root(cfg))
+        job = StageJob(cfg, ray.put(train), tokenizer.pad_token_id, run_folder, tracker.run_id, tracker.uri,
+                       progress, held_out=ray.put(held_out), base=base)
+        fit_stage(name, _reward_loop, {"job": job}, r, storage_root(cfg))
         model_dir = run_folder / "model"
         tokenizer.save_pretrained(model_dir)
         history = read_jsonl(run_folder / "metrics.jsonl")
@@ -153,16 +151,18 @@ def _reward_loop(config: dict[str, Any]) -> None:
 
     import ray
 
-    cfg = RunConfig.model_validate(config["cfg"])
+    job: StageJob = config["job"]
+    cfg = job.cfg
     r = cfg.reward_model
     torch.manual_seed(r.seed)
-    train, held_out = ray.get(config["train"]), ray.get(config["held_out"])
-    pad = config["pad_token_id"]
-    rank, world, model, optimizer, scheduler = prepare_worker(r, load_reward_backbone(config["base"], cfg, pad))
+    train, held_out = ray.get(job.examples), ray.get(job.held_out)
+    pad = job.pad_token_id
+    rank, world, model, optimizer, scheduler = prepare_worker(r, load_reward_backbone(job.base, cfg, pad))
     batches = worker_batches(len(train), r, rank, world)
-    log = StepLog(config, rank, r.max_steps, "reward model")
+    log = StageLog(job, rank, r.max_steps, "reward model")
     model.train()
     for step in range(r.max_steps):
+        log.begin()
         chosen, rejected = pair_rewards(model, [train[i] for i in next(batches)], pad)
         loss = -F.logsigmoid(chosen - rejected).mean()
         apply_gradients(loss, model, optimizer, scheduler, cfg.train.max_grad_norm)
@@ -173,6 +173,6 @@ def _reward_loop(config: dict[str, Any]) -> None:
         plain = unwrap(model)
         final = {"eval/accuracy": accuracy(plain, held_out, pad, r.batch_size),
                  "train/accuracy": accuracy(plain, train[:TRAIN_ACCURACY_PAIRS], pad, r.batch_size)}
-        folder = Path(config["run_folder"])
+        folder = job.run_folder
         (folder / "final.jsonl").write_text(json.dumps(final) + "\n", encoding="utf-8")
         plain.save_pretrained(folder / "model")

@@ -25,7 +25,8 @@ from pipeline.data.tokenization import PairTokenizer, collate_sequences
 from pipeline.errors import DataError, RowProblem
 from pipeline.models.loading import load_causal_lm, load_tokenizer
 from pipeline.stages.common import (
-    StepLog,
+    StageJob,
+    StageLog,
     all_mean,
     apply_gradients,
     check_batches,
@@ -113,10 +114,9 @@ def run_sft(cfg: RunConfig, *, progress: bool = True) -> StageResult:
         tracker.log_artifact(run_folder / "config.yaml")
         connect_ray(cfg.distributed.address)
         check_cluster(cfg.sft)
-        fit_stage(name, _sft_loop, {"cfg": cfg.model_dump(mode="json"), "examples": ray.put(examples),
-                                    "pad_token_id": tokenizer.pad_token_id, "run_folder": str(run_folder),
-                                    "run_id": tracker.run_id, "tracking_uri": tracker.uri, "progress": progress},
-                  cfg.sft, storage_root(cfg))
+        job = StageJob(cfg, ray.put(examples), tokenizer.pad_token_id, run_folder, tracker.run_id, tracker.uri,
+                       progress)
+        fit_stage(name, _sft_loop, {"job": job}, cfg.sft, storage_root(cfg))
         model_dir = run_folder / "model"
         tokenizer.save_pretrained(model_dir)
         if cfg.tracking.log_model:
@@ -129,23 +129,25 @@ def run_sft(cfg: RunConfig, *, progress: bool = True) -> StageResult:
 def _sft_loop(config: dict[str, Any]) -> None:
     import ray
 
-    cfg = RunConfig.model_validate(config["cfg"])
+    job: StageJob = config["job"]
+    cfg = job.cfg
     s = cfg.sft
     torch.manual_seed(s.seed)
-    examples = ray.get(config["examples"])
+    examples = ray.get(job.examples)
     rank, world, model, optimizer, scheduler = prepare_worker(s, load_causal_lm(
         cfg.model.policy, dtype=cfg.model.dtype, revision=cfg.model.revision,
         trust_remote_code=cfg.model.trust_remote_code))
     batches = worker_batches(len(examples), s, rank, world)
-    log = StepLog(config, rank, s.max_steps, "sft")
+    log = StageLog(job, rank, s.max_steps, "sft")
     device = next(model.parameters()).device
     model.train()
     for step in range(s.max_steps):
+        log.begin()
         members = [examples[i] for i in next(batches)]
-        batch = collate_sequences([e[0] for e in members], [e[1] for e in members], config["pad_token_id"])
+        batch = collate_sequences([e[0] for e in members], [e[1] for e in members], job.pad_token_id)
         loss = model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False).loss  # this worker's token mean
         grad_norm = apply_gradients(loss, model, optimizer, scheduler, cfg.train.max_grad_norm)
         log.step(step + 1, {"loss": all_mean(loss), "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm})
     log.close()
     if rank == 0:
-        unwrap(model).save_pretrained(Path(config["run_folder"]) / "model")
+        unwrap(model).save_pretrained(job.run_folder / "model")

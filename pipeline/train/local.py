@@ -11,8 +11,6 @@ step runs. Outputs of a run (``output.dir/<run name>/``):
 
 from __future__ import annotations
 
-import json
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,10 +31,12 @@ from pipeline.train.setup import (
     load_models,
     prepare_data,
     run_dir_for,
+    save_policy,
     steady_median,
     warmup_schedule,
 )
 from pipeline.train.step import StepOptions, optimizer_step
+from pipeline.train.steplog import StepLog, pair_tokens, progress_bar
 
 
 def train_local(cfg: RunConfig, *, progress: bool = True, run_dir: Path | None = None,
@@ -67,8 +67,6 @@ def train_local(cfg: RunConfig, *, progress: bool = True, run_dir: Path | None =
 def _train(cfg: RunConfig, run_dir: Path, dataset: PreferenceDataset, batches: PairBatches, tokenizer: Any,
            tracker: Tracker, progress: bool, evaluator: Evaluator | None = None,
            on_step: Callable[[int], None] | None = None) -> TrainResult:
-    from tqdm.auto import tqdm
-
     policy, reference = load_models(cfg)
     scorer = ReferenceScorer(reference, stats_kind(cfg), topk=cfg.reference.topk, dtype=cfg.reference.dtype,
                              packing=cfg.train.packing)
@@ -76,16 +74,17 @@ def _train(cfg: RunConfig, run_dir: Path, dataset: PreferenceDataset, batches: P
     optimizer = adamw(policy.parameters(), cfg)
     scheduler = warmup_schedule(optimizer, cfg.train.warmup_steps, cfg.train.max_steps)
     options = StepOptions.from_config(cfg.loss)
-    result = TrainResult(run_dir=run_dir)
     stream = batches.iterate()
-    durations: list[float] = []
-    bar = tqdm(range(cfg.train.max_steps), desc=f"{cfg.loss.name} training", unit="step", disable=not progress)
-    with (run_dir / "metrics.jsonl").open("w", encoding="utf-8") as log:
-        for step in bar:
-            started = time.perf_counter()
-            micro = []
+    total = cfg.train.max_steps
+    bar = progress_bar("local", total, 0, f"{cfg.loss.name} training") if progress else None
+    with StepLog(run_dir, tracker, total=total, name=cfg.loss.name, write=True, log_every=cfg.train.log_every,
+                 evaluator=evaluator, bar=bar, append=False, postfix=("loss", "rewards/accuracies")) as log:
+        for step in range(1, total + 1):
+            log.begin()
+            micro, tokens = [], 0
             for _ in range(cfg.train.gradient_accumulation_steps):
                 position, indices = next(stream)
+                tokens += pair_tokens(dataset.pairs, indices)
                 batch = collate_pairs([dataset.pairs[i] for i in indices], tokenizer.pad_token_id)
                 batch = pack_batch(batch) if packing else batch
                 micro.append((batch, scorer.score(batch)))
@@ -93,30 +92,18 @@ def _train(cfg: RunConfig, run_dir: Path, dataset: PreferenceDataset, batches: P
                 policy, optimizer, micro, options,
                 scheduler=scheduler, max_grad_norm=cfg.train.max_grad_norm,
             )
-            durations.append(time.perf_counter() - started)
-            tokens = sum(int(mb["attention_mask"].sum()) for mb, _ in micro)
-            metrics.update(epoch=position.epoch, lr=scheduler.get_last_lr()[0], seconds=durations[-1],
-                           **{"throughput/pairs_per_s": cfg.pairs_per_step / durations[-1],
-                              "throughput/tokens_per_s": tokens / durations[-1]})
-            record = {"step": step + 1, **metrics}
-            result.history.append(record)
-            if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.max_steps:
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-                tracker.log_metrics(metrics, step=step + 1)
-            if evaluator is not None and evaluator.due(step + 1, cfg.train.max_steps):
-                point = evaluator.run(policy, evaluator.reference_logps(0, reference)).metrics()
-                result.evaluations.append({"step": step + 1, **point})
-                tracker.log_metrics(point, step=step + 1)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}")
+            metrics.update(epoch=position.epoch, lr=scheduler.get_last_lr()[0])
+            log.step(step, metrics, pairs=cfg.pairs_per_step, tokens=tokens)
+            if log.evaluation_due(step):
+                log.evaluating(step)
+                log.evaluation(step, evaluator.run(policy, evaluator.reference_logps(0, reference)).metrics())
             if on_step is not None:
-                on_step(step + 1)
-    result.seconds_per_step = steady_median(durations)
+                on_step(step)
 
-    if result.evaluations:
-        (run_dir / "eval.jsonl").write_text("".join(json.dumps(e) + "\n" for e in result.evaluations), encoding="utf-8")
+    result = TrainResult(run_dir=run_dir, history=log.history, evaluations=log.evaluations,
+                         seconds_per_step=steady_median([h["seconds"] for h in log.history]))
     if cfg.train.save_model:
         result.model_dir = run_dir / "model"
-        policy.save_pretrained(result.model_dir)
+        save_policy(policy, cfg, result.model_dir)
         tokenizer.save_pretrained(result.model_dir)
     return result

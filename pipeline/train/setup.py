@@ -35,6 +35,7 @@ class TrainResult:
     evaluations: list[dict[str, float]] = field(default_factory=list)  # {"step", "eval/reward", ...} per evaluation
     run_id: str | None = None  # distributed: the run's MLflow run
     trained_pairs: list[int] | None = None  # distributed: times each pair was trained on (trained_pairs.json)
+    trainer: str = "local"  # "ray": the distributed trainer
 
 
 def steady_median(seconds: list[float]) -> float:
@@ -108,12 +109,26 @@ def write_data_report(dataset: PreferenceDataset, run_dir: Path) -> None:
     (run_dir / "data_report.json").write_text(json.dumps(payload, indent=2), encoding="utf-8")
 
 
+def save_policy(lm: torch.nn.Module, cfg: RunConfig, folder: Path) -> None:
+    """The trained policy as a Hugging Face folder (safetensors) in train.export_dtype, else as trained
+    (float32 when model.dtype is float32, whatever a mixed-precision engine cast it to)."""
+    name = cfg.train.export_dtype or ("float32" if cfg.model.dtype == "float32" else None)
+    dtype = getattr(torch, name) if name else None
+    cast: dict[int, torch.Tensor] = {}  # one cast per storage: tied weights (embeddings and head) stay tied
+    state = {}
+    for k, v in lm.state_dict().items():
+        if v.data_ptr() not in cast:
+            cast[v.data_ptr()] = v.detach().to(dtype or v.dtype).cpu()
+        state[k] = cast[v.data_ptr()]
+    lm.save_pretrained(folder, state_dict=state, safe_serialization=True)
+
+
 def summarize(result: TrainResult) -> dict[str, Any]:
     last = result.history[-1]
     keys = ("loss", "rewards/accuracies", "rewards/margins", "kl/chosen", "kl/rejected")
     summary = {"steps": len(result.history), "seconds_per_step": result.seconds_per_step,
                **{k: last[k] for k in keys if k in last}}
-    if result.checkpoint is not None:
+    if result.trainer == "ray":
         summary.update(reference_forward_passes=result.reference_forward_passes,
                        reference_cached_chunks=result.reference_cached_chunks, checkpoint=result.checkpoint)
     if result.model_dir is not None:

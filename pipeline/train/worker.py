@@ -20,8 +20,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +37,9 @@ from pipeline.models.packing import pack_batch, packing_supported
 from pipeline.tracking import attach_tracker, flush_worker
 from pipeline.train import checkpoints
 from pipeline.train.batches import BatchPosition, PairBatches
-from pipeline.train.setup import adamw, warmup_schedule
+from pipeline.train.setup import adamw, save_policy, warmup_schedule
 from pipeline.train.step import StepOptions, add_metrics, micro_batch_loss
+from pipeline.train.steplog import StepLog, pair_tokens, progress_bar
 
 
 def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
@@ -136,37 +137,7 @@ def export_model(engine: Any, cfg: RunConfig, folder: Path, rank: int) -> None:
                                                  enabled=cfg.distributed.zero_stage == 3)
     with gathered:
         if rank == 0:
-            state = {k: v.detach().to(torch.float32 if cfg.model.dtype == "float32" else v.dtype).cpu()
-                     for k, v in lm.state_dict().items()}
-            lm.save_pretrained(folder, state_dict=state, safe_serialization=True)
-
-
-def _maybe_die(faults: dict[str, Any], rank: int, step: int, run_folder: Path) -> None:
-    """Fault injection for the fault tests: SIGKILL this worker once, at the start of a given step,
-    after ``delay_s`` seconds (Ray Train registers a reported checkpoint when its controller next polls
-    the workers, every 0.5 s here: a crash sooner resumes from the checkpoint before) and, with
-    ``truncate_latest``, after cutting the newest checkpoint's model file in half. ``fill_storage``:
-    rank 0 fills the storage's disk at the start of a step, as another tenant would."""
-    fill = faults.get("fill_storage")  # another tenant takes the storage's space, leaving leave_bytes
-    if fill and rank == 0 and fill["step"] == step and not (run_folder.parent / ".fault-filler").exists():
-        with (run_folder.parent / ".fault-filler").open("wb") as f:
-            while (free := shutil.disk_usage(run_folder).free) > fill["leave_bytes"]:
-                f.write(bytes(min(free - fill["leave_bytes"], 2**20)))
-                f.flush()
-    plan = faults.get("kill_worker")
-    if not plan or plan["rank"] != rank or plan["step"] != step:
-        return
-    marker = run_folder / f".fault-kill-worker-{rank}-{step}"
-    if marker.exists():  # already killed once: the restarted run goes on
-        return
-    marker.touch()
-    time.sleep(plan.get("delay_s", 0))
-    if plan.get("truncate_latest"):
-        newest = max(p for p in run_folder.glob("checkpoint_*") if p.is_dir())
-        target = next(newest.rglob("*model_states.pt"))
-        with target.open("r+b") as f:
-            f.truncate(target.stat().st_size // 2)
-    os.kill(os.getpid(), signal.SIGKILL)
+            save_policy(lm, cfg, folder)
 
 
 def _resume(engine: Any, rank: int, world: int, run_folder: Path, num_pairs: int) -> tuple[int, BatchPosition, list[int]]:
@@ -180,125 +151,121 @@ def _resume(engine: Any, rank: int, world: int, run_folder: Path, num_pairs: int
     return step, BatchPosition(*position), ledger
 
 
+@dataclass
+class WorkerJob:
+    """What the driver hands every Ray Train worker (:func:`pipeline.train.distributed.train_distributed`)."""
+
+    cfg: RunConfig
+    pairs: Any  # ObjectRef of the run's list[TokenizedPair]
+    pad_token_id: int
+    make_feed: Callable[[], Any]  # FeedFactory: this worker's reference statistics
+    run_folder: Path  # <storage>/<run name>: metrics, checkpoints, the model
+    run_id: str | None  # the driver's MLflow run, which rank 0 logs into
+    tracking_uri: str | None
+    progress: bool = True
+    evaluator: Any = None  # an Evaluator, or None: no evaluation during training
+    report_steps: bool = False  # report every logged step to Ray Train (a sweep trial's Tune callback reads them)
+    # Called as on_step(rank, step, run_folder) before each step; absent unless a fault test installs one.
+    on_step: Callable[[int, int, Path], None] | None = None
+
+
+@dataclass
+class _Worker:
+    """One worker's state for the length of :func:`train_loop`."""
+
+    job: WorkerJob
+    rank: int
+    world: int
+    engine: Any
+    feed: Any
+    log: StepLog
+
+
 def train_loop(config: dict[str, Any]) -> None:
-    """Ray Train entry point. ``config``: see pipeline.train.distributed._fit."""
+    """Ray Train entry point: ``config["job"]`` is the :class:`WorkerJob`."""
     import ray
     import ray.train
     import torch.distributed as dist
 
     quiet_train_reports()
-    cfg = RunConfig.model_validate(config["cfg"])
+    job: WorkerJob = config["job"]
+    cfg = job.cfg
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.distributed.use_gpu else "cpu")
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(cfg.train.seed)
-    pairs = ray.get(config["pairs"])
-    run_folder = Path(config["run_folder"])
+    pairs = ray.get(job.pairs)
     engine = build_engine(cfg, world)
-    feed = config["make_feed"]()
+    feed = job.make_feed()
     options = StepOptions.from_config(cfg.loss)
-    start_step, position, ledger = _resume(engine, rank, world, run_folder, len(pairs))
+    start_step, position, ledger = _resume(engine, rank, world, job.run_folder, len(pairs))
     batches = PairBatches(len(pairs), cfg.train.batch_size * world, cfg.train.seed)
     stream = batches.iterate(position)
 
-    tracker = attach_tracker(config["tracking_uri"], config["run_id"], rank, cfg.tracking.flush_timeout_s)
+    tracker = attach_tracker(job.tracking_uri, job.run_id, rank, cfg.tracking.flush_timeout_s)
     b = cfg.train.batch_size
-    device = engine.device
-    log = (run_folder / "metrics.jsonl").open("a", encoding="utf-8") if rank == 0 else None
-    evaluator = config.get("evaluator")
-    evals = (run_folder / "eval.jsonl").open("a", encoding="utf-8") if rank == 0 and evaluator else None
-    bar = _progress_bar(cfg, start_step) if rank == 0 and config.get("progress") else None
+    total = cfg.train.max_steps
+    bar = progress_bar("ray", total, start_step, f"{cfg.loss.name} training") if rank == 0 and job.progress else None
+    log = StepLog(job.run_folder, tracker, total=total, name=cfg.loss.name, write=rank == 0,
+                  log_every=cfg.train.log_every, evaluator=job.evaluator, bar=bar)
+    worker = _Worker(job, rank, world, engine, feed, log)
     state_mb = 0.0
-    for step in range(start_step, cfg.train.max_steps):
-        _maybe_die(config.get("faults") or {}, rank, step, run_folder)
-        started = time.perf_counter()
-        sums: dict[str, torch.Tensor] = {}
-        tokens = 0
-        for _ in range(cfg.train.gradient_accumulation_steps):
-            position, indices = next(stream)
-            mine = indices[rank * b : (rank + 1) * b]
-            tokens += _record(pairs, mine, ledger)
-            batch = collate_pairs([pairs[i] for i in mine], config["pad_token_id"])
-            batch = pack_batch(batch) if engine.module.packing else batch  # on the host: no device sync
-            batch = {k: v.to(device) for k, v in batch.items()}
-            losses, metrics = micro_batch_loss(engine, batch, feed(mine, batch), options)
-            engine.backward(losses.mean())  # DeepSpeed divides by the accumulation steps and averages workers
-            # Gradients, parameters and (from the second step) optimizer state all live now: the peak.
-            # It is the same every step after the second, so the tensor walk stays off the hot path.
-            if step < start_step + 2:
-                state_mb = max(state_mb, state_bytes(engine) / 2**20)
-            engine.step()
-            add_metrics(sums, metrics)
-        metrics = _reduce(sums, b * cfg.train.gradient_accumulation_steps, tokens, dist)
-        seconds = time.perf_counter() - started
-        grad_norm = engine.get_global_grad_norm()
-        metrics.update({"lr": engine.get_lr()[0], "epoch": position.epoch, "seconds": seconds,
-                        "throughput/pairs_per_s": cfg.pairs_per_step / seconds,
-                        "throughput/tokens_per_s": metrics.pop("tokens") / seconds})
-        if grad_norm is not None:
-            metrics["grad_norm"] = float(grad_norm)
-        metrics.update({"memory/state_mb": state_mb, "memory/peak_rss_mb": peak_rss_mb()})
-        done = step + 1
-        if log is not None and (done % cfg.train.log_every == 0 or done == cfg.train.max_steps):
-            log.write(json.dumps({"step": done, **metrics}) + "\n")
-            log.flush()
-            tracker.log_metrics(metrics, step=done)
-        point = {}
-        if evaluator is not None and evaluator.due(done, cfg.train.max_steps):
-            point = _evaluate(evaluator, engine, feed, cfg, rank, world, done, bar, evals, tracker)
-        _report(engine, cfg, rank, world, done, next_position(batches, position), ledger, {**metrics, **point},
-                config.get("report_steps", False))
-        if bar is not None:
-            bar.set_description(f"{cfg.loss.name} loss {metrics['loss']:.4f}")
-            bar.update(1)
-    for handle in (log, evals):
-        if handle is not None:
-            handle.close()
-    flush_worker(tracker, run_folder)
-    (run_folder / f"trained-{checkpoints.LEDGER.format(rank=rank)}").write_text(json.dumps(ledger), encoding="utf-8")
-    if bar is not None:
-        bar.close()
+    with log:
+        for step in range(start_step, total):
+            if job.on_step is not None:
+                job.on_step(rank, step, job.run_folder)
+            log.begin()
+            sums: dict[str, torch.Tensor] = {}
+            tokens = 0
+            for _ in range(cfg.train.gradient_accumulation_steps):
+                position, indices = next(stream)
+                mine = indices[rank * b : (rank + 1) * b]
+                for i in mine:
+                    ledger[i] += 1
+                tokens += pair_tokens(pairs, mine)
+                batch = collate_pairs([pairs[i] for i in mine], job.pad_token_id)
+                batch = pack_batch(batch) if engine.module.packing else batch  # on the host: no device sync
+                batch = {k: v.to(engine.device) for k, v in batch.items()}
+                losses, metrics = micro_batch_loss(engine, batch, feed(mine, batch), options)
+                engine.backward(losses.mean())  # DeepSpeed divides by the accumulation steps and averages workers
+                # Gradients, parameters and (from the second step) optimizer state all live now: the peak.
+                # It is the same every step after the second, so the tensor walk stays off the hot path.
+                if step < start_step + 2:
+                    state_mb = max(state_mb, state_bytes(engine) / 2**20)
+                engine.step()
+                add_metrics(sums, metrics)
+            metrics = _reduce(sums, b * cfg.train.gradient_accumulation_steps, tokens, dist)
+            tokens_all = metrics.pop("tokens")
+            metrics.update({"lr": engine.get_lr()[0], "epoch": position.epoch})
+            if (grad_norm := engine.get_global_grad_norm()) is not None:
+                metrics["grad_norm"] = float(grad_norm)
+            metrics.update({"memory/state_mb": state_mb, "memory/peak_rss_mb": peak_rss_mb()})
+            done = step + 1
+            metrics = log.step(done, metrics, pairs=cfg.pairs_per_step, tokens=tokens_all)
+            point = _evaluate(worker, done) if log.evaluation_due(done) else {}
+            _report(worker, done, next_position(batches, position), ledger, {**metrics, **point})
+    flush_worker(tracker, job.run_folder)
+    (job.run_folder / f"trained-{checkpoints.LEDGER.format(rank=rank)}").write_text(json.dumps(ledger), encoding="utf-8")
     if cfg.train.save_model:
-        export_model(engine, cfg, run_folder / "model", rank)
+        export_model(engine, cfg, job.run_folder / "model", rank)
 
 
-def _record(pairs: list[Any], mine: list[int], ledger: list[int]) -> int:
-    """Count ``mine`` in this rank's ledger; returns their tokens (from the host, no device sync)."""
-    for i in mine:
-        ledger[i] += 1
-    return sum(pairs[i].chosen_length + pairs[i].rejected_length for i in mine)
-
-
-def _evaluate(evaluator: Any, engine: Any, feed: Any, cfg: RunConfig, rank: int, world: int, step: int,
-              bar: Any, evals: Any, tracker: Any) -> dict[str, float]:
+def _evaluate(worker: _Worker, step: int) -> dict[str, float]:
     """Evaluate now (every rank); rank 0 writes the point to eval.jsonl and MLflow at ``step``.
     Returns the point's metrics (reported to Ray Train with the step's, so a sweep's scheduler sees them)."""
-    if bar is not None:
-        bar.set_description(f"{cfg.loss.name} evaluating at step {step}")
-    point = evaluate_policy(evaluator, engine, feed, cfg, rank, world).metrics()
-    if evals is not None:
-        evals.write(json.dumps({"step": step, **point}) + "\n")
-        evals.flush()
-        tracker.log_metrics(point, step=step)
+    worker.log.evaluating(step)
+    point = evaluate_policy(worker.job.evaluator, worker.engine, worker.feed, worker.job.cfg, worker.rank,
+                            worker.world).metrics()
+    worker.log.evaluation(step, point)
     return point
 
 
 def evaluate_policy(evaluator: Any, engine: Any, feed: Any, cfg: RunConfig, rank: int, world: int):
     """One evaluation point of the policy as it is now; every rank takes part (ZeRO-3 gathers)."""
-
     local = feed.scorer.model if hasattr(feed, "scorer") else None  # colocated reference
     synced = cfg.distributed.zero_stage == 3 and world > 1
     return evaluator.run(engine.module.lm, evaluator.reference_logps(rank, local), rank, world,
                          synced=synced, gather=all_gather)
-
-
-def _progress_bar(cfg: RunConfig, start_step: int):
-    """A progress bar the driver draws (Ray forwards it), starting where a resumed run starts."""
-    from ray.experimental.tqdm_ray import tqdm
-
-    bar = tqdm(total=cfg.train.max_steps, desc=f"{cfg.loss.name} training", unit="step")
-    bar.update(start_step)
-    return bar
 
 
 def _reduce(sums: dict[str, torch.Tensor], pairs: int, tokens: int, dist: Any) -> dict[str, float]:
@@ -314,15 +281,16 @@ def _reduce(sums: dict[str, torch.Tensor], pairs: int, tokens: int, dist: Any) -
     return out
 
 
-def _report(engine: Any, cfg: RunConfig, rank: int, world: int, step: int, position: BatchPosition,
-            ledger: list[int], metrics: dict[str, float], every_log_step: bool) -> None:
+def _report(worker: _Worker, step: int, position: BatchPosition, ledger: list[int], metrics: dict[str, float]) -> None:
     """Checkpoints and evaluation points always go to Ray Train; the other logged steps only when
     something reads them (a sweep trial's Tune callback): each report waits for the controller's poll."""
     import ray.train
 
+    cfg = worker.job.cfg
     every = cfg.distributed.checkpoint_every
     if step == cfg.train.max_steps or (every is not None and step % every == 0):
-        folder = checkpoints.save(engine, rank, world, step, [position.epoch, position.batch], ledger)
+        folder = checkpoints.save(worker.engine, worker.rank, worker.world, step, [position.epoch, position.batch],
+                                  ledger)
         try:  # a synchronous report copies the folder to the run storage
             ray.train.report({"step": step, **metrics}, checkpoint=ray.train.Checkpoint.from_directory(str(folder)))
         except (OSError, RuntimeError) as e:
@@ -331,5 +299,5 @@ def _report(engine: Any, cfg: RunConfig, rank: int, world: int, step: int, posit
             raise
         finally:
             shutil.rmtree(folder, ignore_errors=True)
-    elif "eval/reward" in metrics or (every_log_step and step % cfg.train.log_every == 0):
+    elif "eval/reward" in metrics or (worker.job.report_steps and step % cfg.train.log_every == 0):
         ray.train.report({"step": step, **metrics})

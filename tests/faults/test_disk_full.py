@@ -13,8 +13,9 @@ import pytest
 
 from pipeline.config import load_config
 from pipeline.train.checkpoints import CheckpointError, verify
-from pipeline.train.distributed import TrainingFailed, train_distributed
+from pipeline.train.distributed import RunHooks, TrainingFailed, train_distributed
 from tests.conftest import TINY_CONFIG
+from tests.faults.injection import FillStorage
 
 
 @pytest.fixture
@@ -57,7 +58,7 @@ def test_a_disk_filling_mid_run_is_a_clear_error_and_leaves_only_good_checkpoint
     storage = small_disk(12)
     with pytest.raises(TrainingFailed, match=rf"no space left on the device of {storage} \(0\.\d MiB free\)"):
         train_distributed(config(tmp_path, storage, "filled"), progress=False,
-                          faults={"fill_storage": {"step": 3, "leave_bytes": 100_000}})
+                          hooks=RunHooks(worker_step=FillStorage(step=3, leave_bytes=100_000)))
     run = storage / "filled"
     folders = sorted(run.glob("checkpoint_*"))
     verdicts = []

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.train.distributed import train_distributed
+from pipeline.train.distributed import RunHooks, train_distributed
+from tests.faults.injection import KillReference
 from tests.test_distributed import distributed_cfg, losses, weights
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -16,7 +17,7 @@ def test_reference_actor_killed_mid_run_is_replaced(tmp_path):
     common = ("loss.name=tdpo2", "reference.cache=false")
     clean = train_distributed(distributed_cfg(tmp_path, "clean", *common), progress=False)
     killed = train_distributed(distributed_cfg(tmp_path, "killed", *common), progress=False,
-                               faults={"kill_reference": {"actor": 0, "task": 1}})
+                               hooks=RunHooks(reference_task=KillReference(actor=0, task=1)))
     assert killed.reference_restarts == 1
     assert clean.reference_restarts == 0
     assert losses(killed) == losses(clean)
